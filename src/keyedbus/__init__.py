@@ -1,0 +1,56 @@
+"""keyedbus: a trio-native event bus with one keyed worker pool shared by every topic.
+
+Messages with the same key are handled strictly in publish order; different keys run concurrently.
+"""
+
+from ._bus import Bus as Bus
+from ._bus import BusStatistics as BusStatistics
+from ._bus import Subscription as Subscription
+from ._bus import open_bus as open_bus
+from ._config import PoolConfig as PoolConfig
+from ._config import RetryPolicy as RetryPolicy
+from ._config import TopicConfig as TopicConfig
+from ._errors import ArgumentTypeError as ArgumentTypeError
+from ._errors import BusClosedError as BusClosedError
+from ._errors import ConnectionFailedError as ConnectionFailedError
+from ._errors import DuplicateSubscriptionError as DuplicateSubscriptionError
+from ._errors import HandlerTimeoutError as HandlerTimeoutError
+from ._errors import InvalidConfigError as InvalidConfigError
+from ._errors import InvalidEnvelopeError as InvalidEnvelopeError
+from ._errors import InvalidHandlerError as InvalidHandlerError
+from ._errors import InvalidHeaderError as InvalidHeaderError
+from ._errors import InvalidKeyError as InvalidKeyError
+from ._errors import InvalidTopicError as InvalidTopicError
+from ._errors import KeyedBusError as KeyedBusError
+from ._errors import PublishError as PublishError
+from ._errors import TopicConfigConflictError as TopicConfigConflictError
+from ._messages import Envelope as Envelope
+from ._messages import Message as Message
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArgumentTypeError",
+    "Bus",
+    "BusClosedError",
+    "BusStatistics",
+    "ConnectionFailedError",
+    "DuplicateSubscriptionError",
+    "Envelope",
+    "HandlerTimeoutError",
+    "InvalidConfigError",
+    "InvalidEnvelopeError",
+    "InvalidHandlerError",
+    "InvalidHeaderError",
+    "InvalidKeyError",
+    "InvalidTopicError",
+    "KeyedBusError",
+    "Message",
+    "PoolConfig",
+    "PublishError",
+    "RetryPolicy",
+    "Subscription",
+    "TopicConfig",
+    "TopicConfigConflictError",
+    "open_bus",
+]

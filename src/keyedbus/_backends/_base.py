@@ -1,0 +1,86 @@
+"""The small interface every transport implements, so the pool and the bus never know which one runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from .._config import TopicConfig
+from .._messages import Message
+
+__all__ = ["Backend", "BackendSubscription", "Delivery", "Inbox"]
+
+
+class Delivery(Protocol):
+    """One delivered message and the means to settle it; settling never blocks (backends batch it)."""
+
+    @property
+    def message(self) -> Message:
+        """The message as delivered (its `attempt` is the broker's delivery count)."""
+        ...
+
+    def ack(self) -> None:
+        """Settle as handled: the broker will not deliver it again."""
+
+    def term(self) -> None:
+        """Settle as given up (after it was dead-lettered): the broker will not deliver it again."""
+
+    def release(self) -> None:
+        """Leave unsettled: the broker delivers it again later, to this group's next subscriber."""
+
+
+class Inbox(Protocol):
+    """Where a backend subscription hands its deliveries: the bus's side of one subscription."""
+
+    async def deliver(self, batch: Sequence[Delivery]) -> None:
+        """Queue every delivery of `batch` in the pool, waiting for room (backpressure).
+
+        If cancelled, a prefix of `batch` has been queued and the rest must be treated as never delivered.
+        """
+
+    def dropped(self, count: int, why: str) -> None:
+        """Record `count` ephemeral messages that were dropped (at-most-once topics only)."""
+
+
+class BackendSubscription(Protocol):
+    """A live subscription of one (topic, group) inside a backend."""
+
+    async def stop(self) -> None:
+        """Stop delivering; after it returns the inbox is called no more."""
+
+    async def detach(self) -> None:
+        """After `stop` and once no handler of it runs: leave what is unsettled to the group's next subscriber."""
+
+
+class Backend(Protocol):
+    """A transport: the embedded broker, NATS core or JetStream."""
+
+    @property
+    def connected(self) -> bool:
+        """Whether the backend can reach its broker now."""
+        ...
+
+    async def configure_topic(self, topic: str, config: TopicConfig) -> None:
+        """Create or update how `topic` is stored."""
+
+    async def publish(self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str],
+                      message_id: str) -> None:
+        """Store (persistent) or send (ephemeral) one message; returns once the broker has it.
+
+        `config` is the topic's configuration, used to create the topic on first use.
+        """
+
+    def publish_nowait(self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str],
+                       message_id: str) -> None:
+        """Like publish, but raise trio.WouldBlock instead of waiting for room."""
+
+    async def subscribe(self, topic: str, config: TopicConfig, group: str, inbox: Inbox
+                        ) -> BackendSubscription:
+        """Start delivering `topic` to `inbox` for `group`; returns once a message published after it is seen."""
+
+    def settled(self) -> bool:
+        """True when every message on a subscribed topic has been delivered and settled (drain helper)."""
+        ...
+
+    async def wait_settled(self) -> None:
+        """Wait until `settled()` is true; backends that cannot tell return at once."""

@@ -1,0 +1,373 @@
+"""The embedded broker behind ``memory://``: JetStream-like logs, cursors, acks and redelivery, in process.
+
+Persistent topics keep a bounded log; each (topic, group) has its own cursor, acks and redelivery list, and
+a message leaves the log once every group has acked it. Ephemeral topics fan out to each subscriber's bounded
+buffer with no log (at-most-once): a full buffer drops the message and counts it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import attrs
+import trio
+
+from .._config import TopicConfig
+from .._errors import TopicConfigConflictError
+from .._messages import KEY_HEADER, Message
+from ._base import Inbox
+
+__all__ = ["DEFAULT_MAX_MSGS", "DEDUP_WINDOW", "MemoryBackend"]
+
+logger = logging.getLogger("keyedbus")
+
+#: Messages a persistent memory topic keeps when TopicConfig.max_msgs is None.
+DEFAULT_MAX_MSGS = 1_000_000
+#: Seconds during which a message id seen before is not stored again (JetStream's default window).
+DEDUP_WINDOW = 120.0
+_BATCH = 256
+
+
+@attrs.define(eq=False)
+class _Entry:
+    seq: int
+    data: bytes
+    headers: dict[str, str]
+    message_id: str
+    stored_at: float
+
+
+@attrs.define(eq=False)
+class _Delivery:
+    """A persistent message delivered to one group; settles against the group it came from."""
+
+    group: _Group
+    seq: int
+    generation: int
+    message: Message
+
+    def ack(self) -> None:
+        self.group.settle(self)
+
+    def term(self) -> None:
+        self.group.settle(self)
+
+    def release(self) -> None:
+        """Nothing to do: an unsettled message stays outstanding and is redelivered after detach."""
+
+
+@attrs.define(eq=False)
+class _EphemeralDelivery:
+    message: Message
+
+    def ack(self) -> None:
+        """At-most-once: nothing to settle."""
+
+    def term(self) -> None:
+        """At-most-once: nothing to settle."""
+
+    def release(self) -> None:
+        """At-most-once: nothing to settle."""
+
+
+class _Topic:
+    def __init__(self, name: str, config: TopicConfig, changed: trio.lowlevel.ParkingLot) -> None:
+        self.name = name
+        self.config = config
+        self.log: deque[_Entry] = deque()
+        self.bytes = 0
+        self.next_seq = 1
+        self.groups: dict[str, _Group] = {}
+        self.ephemeral_subs: list[_EphemeralSubscription] = []
+        self.room = trio.lowlevel.ParkingLot()
+        self.arrived = trio.lowlevel.ParkingLot()
+        self.changed = changed
+        self.recent_ids: dict[str, float] = {}
+        self.recent_order: deque[tuple[float, str]] = deque()
+
+    @property
+    def first_seq(self) -> int:
+        return self.log[0].seq if self.log else self.next_seq
+
+    def entry(self, seq: int) -> _Entry:
+        return self.log[seq - self.first_seq]
+
+    def full(self, size: int) -> bool:
+        cfg = self.config
+        max_msgs = cfg.max_msgs or DEFAULT_MAX_MSGS
+        if len(self.log) >= max_msgs:
+            return True
+        return cfg.max_bytes is not None and bool(self.log) and self.bytes + size > cfg.max_bytes
+
+    def duplicate(self, message_id: str, now: float) -> bool:
+        while self.recent_order and self.recent_order[0][0] <= now - DEDUP_WINDOW:
+            _, old = self.recent_order.popleft()
+            if self.recent_ids.get(old, now) <= now - DEDUP_WINDOW:
+                del self.recent_ids[old]
+        return message_id in self.recent_ids
+
+    def append(self, data: bytes, headers: dict[str, str], message_id: str, now: float) -> None:
+        self.log.append(_Entry(self.next_seq, data, headers, message_id, now))
+        self.next_seq += 1
+        self.bytes += len(data)
+        if message_id:
+            self.recent_ids[message_id] = now
+            self.recent_order.append((now, message_id))
+        self.arrived.unpark_all()
+        self.changed.unpark_all()
+
+    def trim(self, now: float) -> None:
+        """Drop what every group has acked, and what is older than max_age."""
+        if self.groups:
+            low = min(g.floor for g in self.groups.values())
+            while self.log and self.log[0].seq < low:
+                self.bytes -= len(self.log.popleft().data)
+        max_age = self.config.max_age
+        if max_age is not None:
+            expired = False
+            while self.log and self.log[0].stored_at <= now - max_age:
+                self.bytes -= len(self.log.popleft().data)
+                expired = True
+            if expired:
+                for group in self.groups.values():
+                    group.skip_to(self.first_seq)
+        self.room.unpark_all()
+
+
+class _Group:
+    """One (topic, group): where its cursor is, what it has acked, what it must deliver again."""
+
+    def __init__(self, topic: _Topic, name: str) -> None:
+        self.topic = topic
+        self.name = name
+        self.cursor = topic.first_seq  # a new group starts at the oldest retained message
+        self.floor = topic.first_seq  # every seq below it is acked
+        self.acked: set[int] = set()
+        self.outstanding: dict[int, int] = {}  # delivered, not settled: seq -> deliveries so far
+        self.redeliver: deque[int] = deque()
+        self.generation = 0
+        self.subscribed = False
+
+    def settled(self) -> bool:
+        return not self.outstanding and not self.redeliver and self.cursor >= self.topic.next_seq
+
+    def skip_to(self, first: int) -> None:
+        """Forget messages that expired from the log (max_age)."""
+        self.cursor = max(self.cursor, first)
+        self.floor = max(self.floor, first)
+        self.acked = {s for s in self.acked if s >= first}
+        self.outstanding = {s: n for s, n in self.outstanding.items() if s >= first}
+        self.redeliver = deque(s for s in self.redeliver if s >= first)
+
+    def take(self, limit: int) -> list[_Delivery]:
+        out: list[_Delivery] = []
+        topic = self.topic
+        while len(out) < limit and (self.redeliver or self.cursor < topic.next_seq):
+            if self.redeliver:
+                seq = self.redeliver.popleft()
+            else:
+                seq = self.cursor
+                self.cursor += 1
+            count = self.outstanding.get(seq, 0) + 1
+            self.outstanding[seq] = count
+            entry = topic.entry(seq)
+            message = Message(
+                topic=topic.name,
+                data=entry.data,
+                key=entry.headers.get(KEY_HEADER),
+                headers=entry.headers,
+                attempt=count,
+                message_id=entry.message_id,
+            )
+            out.append(_Delivery(self, seq, self.generation, message))
+        return out
+
+    def settle(self, delivery: _Delivery) -> None:
+        seq = delivery.seq
+        if delivery.generation != self.generation or seq not in self.outstanding:
+            return  # stale: handed back to the group by a detach, or expired
+        del self.outstanding[seq]
+        self.acked.add(seq)
+        advanced = False
+        while self.floor in self.acked:
+            self.acked.remove(self.floor)
+            self.floor += 1
+            advanced = True
+        if advanced:
+            self.topic.trim(trio.current_time())
+        self.topic.changed.unpark_all()
+
+    def detach(self) -> None:
+        """Hand every unsettled message back, in log order, for the group's next subscriber."""
+        self.generation += 1
+        self.redeliver = deque(sorted(set(self.outstanding) | set(self.redeliver)))
+        self.subscribed = False
+        self.topic.changed.unpark_all()
+
+
+class _PersistentSubscription:
+    def __init__(self, group: _Group, cancel_scope: trio.CancelScope, stopped: trio.Event) -> None:
+        self.group = group
+        self._scope = cancel_scope
+        self._stopped = stopped
+
+    async def stop(self) -> None:
+        self._scope.cancel()
+        await self._stopped.wait()
+
+    async def detach(self) -> None:
+        self.group.detach()
+        await trio.lowlevel.checkpoint()
+
+
+class _EphemeralSubscription:
+    def __init__(self, topic: _Topic, inbox: Inbox, size: int) -> None:
+        self.topic = topic
+        self.inbox = inbox
+        self.send, self.receive = trio.open_memory_channel[Message](size)
+        self.scope = trio.CancelScope()
+        self.stopped = trio.Event()
+
+    def settled(self) -> bool:
+        return self.receive.statistics().current_buffer_used == 0
+
+    async def stop(self) -> None:
+        self.scope.cancel()
+        await self.stopped.wait()
+
+    async def detach(self) -> None:
+        if self in self.topic.ephemeral_subs:
+            self.topic.ephemeral_subs.remove(self)
+        await trio.lowlevel.checkpoint()
+
+
+class MemoryBackend:
+    """The embedded broker; it lives and dies with its bus."""
+
+    def __init__(self, nursery: trio.Nursery, *, buffer_size: int) -> None:
+        self._nursery = nursery
+        self._buffer_size = buffer_size
+        self._topics: dict[str, _Topic] = {}
+        self._changed = trio.lowlevel.ParkingLot()
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    def _topic(self, name: str, config: TopicConfig) -> _Topic:
+        topic = self._topics.get(name)
+        if topic is None:
+            topic = self._topics[name] = _Topic(name, config, self._changed)
+        return topic
+
+    async def configure_topic(self, topic: str, config: TopicConfig) -> None:
+        existing = self._topics.get(topic)
+        if existing is not None:
+            if existing.config.persistence != config.persistence:
+                raise TopicConfigConflictError(
+                    f"topic {topic!r} is already {existing.config.persistence}; its persistence cannot "
+                    "change while the bus runs: configure it before first use"
+                )
+            existing.config = config
+            existing.trim(trio.current_time())
+        else:
+            self._topic(topic, config)
+        await trio.lowlevel.checkpoint()
+
+    async def publish(self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str],
+                      message_id: str) -> None:
+        t = self._topic(topic, config)
+        if t.config.persistent:
+            while t.full(len(data)):
+                await t.room.park()
+        else:
+            await trio.lowlevel.checkpoint()
+        self._publish_now(t, data, headers, message_id)
+
+    def publish_nowait(self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str],
+                       message_id: str) -> None:
+        t = self._topic(topic, config)
+        if t.config.persistent and t.full(len(data)):
+            raise trio.WouldBlock
+        self._publish_now(t, data, headers, message_id)
+
+    def _publish_now(self, t: _Topic, data: bytes, headers: dict[str, str], message_id: str) -> None:
+        now = trio.current_time()
+        if not t.config.persistent:
+            message = Message(topic=t.name, data=data, key=headers.get(KEY_HEADER), headers=headers,
+                              attempt=1, message_id=message_id)
+            for sub in t.ephemeral_subs:
+                try:
+                    sub.send.send_nowait(message)
+                except trio.WouldBlock:
+                    sub.inbox.dropped(1, f"subscriber buffer of {t.name!r} is full")
+            return
+        if t.config.max_age is not None:
+            t.trim(now)
+        if message_id and t.duplicate(message_id, now):
+            return
+        t.append(data, headers, message_id, now)
+
+    async def subscribe(self, topic: str, config: TopicConfig, group: str, inbox: Inbox
+                        ) -> _PersistentSubscription | _EphemeralSubscription:
+        t = self._topic(topic, config)
+        if not t.config.persistent:
+            sub = _EphemeralSubscription(t, inbox, self._buffer_size)
+            t.ephemeral_subs.append(sub)
+            await self._nursery.start(self._ephemeral_reader, sub)
+            return sub
+        g = t.groups.get(group)
+        if g is None:
+            g = t.groups[group] = _Group(t, group)
+        g.subscribed = True
+        scope = trio.CancelScope()
+        stopped = trio.Event()
+        await self._nursery.start(self._persistent_reader, g, inbox, scope, stopped)
+        return _PersistentSubscription(g, scope, stopped)
+
+    async def _persistent_reader(self, group: _Group, inbox: Inbox, scope: trio.CancelScope,
+                                 stopped: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            with scope:
+                task_status.started()
+                while True:
+                    batch = group.take(_BATCH)
+                    if not batch:
+                        await group.topic.arrived.park()
+                        continue
+                    await inbox.deliver(batch)
+                    await trio.lowlevel.checkpoint()
+        finally:
+            stopped.set()
+
+    async def _ephemeral_reader(self, sub: _EphemeralSubscription, *, task_status: trio.TaskStatus[None]
+                                ) -> None:
+        try:
+            with sub.scope:
+                task_status.started()
+                async for first in sub.receive:
+                    batch = [_EphemeralDelivery(first)]
+                    while len(batch) < _BATCH:
+                        try:
+                            batch.append(_EphemeralDelivery(sub.receive.receive_nowait()))
+                        except trio.WouldBlock:
+                            break
+                    await sub.inbox.deliver(batch)
+                    self._changed.unpark_all()
+        finally:
+            sub.stopped.set()
+
+    def settled(self) -> bool:
+        for t in self._topics.values():
+            if any(g.subscribed and not g.settled() for g in t.groups.values()):
+                return False
+            if not all(s.settled() for s in t.ephemeral_subs):
+                return False
+        return True
+
+    async def wait_settled(self) -> None:
+        while not self.settled():
+            await self._changed.park()
+        await trio.lowlevel.checkpoint()
+

@@ -1,0 +1,80 @@
+"""The keyedbus error hierarchy: one root, one subclass per failure."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArgumentTypeError",
+    "BusClosedError",
+    "ConnectionFailedError",
+    "DuplicateSubscriptionError",
+    "HandlerTimeoutError",
+    "InvalidConfigError",
+    "InvalidEnvelopeError",
+    "InvalidHandlerError",
+    "InvalidHeaderError",
+    "InvalidKeyError",
+    "InvalidTopicError",
+    "KeyedBusError",
+    "PublishError",
+    "TopicConfigConflictError",
+]
+
+
+class KeyedBusError(Exception):
+    """Root of every error keyedbus raises; catch this to catch them all."""
+
+
+class ArgumentTypeError(KeyedBusError, TypeError):
+    """An argument has the wrong type (for example `str` where `bytes` is required)."""
+
+
+class InvalidHandlerError(ArgumentTypeError):
+    """A handler is not an `async def` function taking one message."""
+
+
+class InvalidTopicError(KeyedBusError, ValueError):
+    """A topic name breaks the NATS subject rules keyedbus follows."""
+
+
+class InvalidKeyError(KeyedBusError, ValueError):
+    """A message key (aggregate id) is empty, too long or has characters outside the allowed set."""
+
+
+class InvalidHeaderError(KeyedBusError, ValueError):
+    """A header name or value cannot travel on the wire."""
+
+
+class InvalidConfigError(KeyedBusError, ValueError):
+    """A configuration value (PoolConfig, RetryPolicy, TopicConfig, open_bus option) is out of range."""
+
+
+class InvalidEnvelopeError(KeyedBusError, ValueError):
+    """An envelope is invalid, or bytes do not decode as one; `reason` says which rule failed."""
+
+    def __init__(self, reason: str, hint: str = "") -> None:
+        self.reason = reason
+        super().__init__(f"{reason}; {hint}" if hint else reason)
+
+
+class DuplicateSubscriptionError(KeyedBusError, ValueError):
+    """This bus already has a subscription for that (topic, group)."""
+
+
+class TopicConfigConflictError(KeyedBusError, ValueError):
+    """A topic is already in use with a configuration that cannot be changed in place."""
+
+
+class BusClosedError(KeyedBusError, RuntimeError):
+    """The bus has been closed (its `open_bus` block has exited)."""
+
+
+class ConnectionFailedError(KeyedBusError):
+    """The broker could not be reached or refused the connection."""
+
+
+class PublishError(KeyedBusError):
+    """The broker did not store a published message."""
+
+
+class HandlerTimeoutError(KeyedBusError):
+    """A handler ran longer than `PoolConfig.handler_timeout` and was cancelled."""

@@ -1,0 +1,349 @@
+"""Message and Envelope (public, frozen), their wire form, and the rules for topics, keys and headers."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import random
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from ._errors import (
+    ArgumentTypeError,
+    InvalidEnvelopeError,
+    InvalidHeaderError,
+    InvalidKeyError,
+    InvalidTopicError,
+)
+
+__all__ = [
+    "KEY_HEADER",
+    "AggregateMessage",
+    "MSG_ID_HEADER",
+    "Envelope",
+    "Message",
+    "check_data",
+    "check_headers",
+    "check_key",
+    "check_topic",
+    "new_message_id",
+]
+
+#: Header that carries a raw message's key (aggregate id), as in the Go system.
+KEY_HEADER = "X-Aggregate-ID"
+#: Header JetStream deduplicates on; keyedbus sets it to the message id.
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+_TOPIC_RULE = (
+    "a topic is dot-separated tokens of letters, digits, '_' and '-' (no empty token, no spaces, "
+    "no wildcards), at most 255 characters, e.g. 'orders' or 'billing.invoices'"
+)
+_KEY_CHARS = re.compile(r"[A-Za-z0-9:_\-./]+")
+_KEY_RULE = "use 1..256 characters of A-Z a-z 0-9 : _ - . /, e.g. 'order-123'"
+_HEADER_NAME = re.compile(r"[!-9;-~]+")  # printable ASCII except ':' (NATS header rules)
+
+
+def check_topic(topic: object, *, what: str = "topic") -> str:
+    """Return `topic` if it is a valid topic name, else raise InvalidTopicError naming the rule."""
+    if not isinstance(topic, str):
+        raise ArgumentTypeError(f"{what} must be a str, got {type(topic).__name__} {topic!r}")
+    if not topic or len(topic) > 255 or not all(_TOKEN.fullmatch(t) for t in topic.split(".")):
+        raise InvalidTopicError(f"invalid {what} {topic!r}: {_TOPIC_RULE}")
+    return topic
+
+
+def _key_problem(key: str) -> str | None:
+    """Say what is wrong with an aggregate id (already stripped), or None when it is valid."""
+    if not key:
+        return "empty"
+    if len(key) > 256:
+        return f"too long ({len(key)})"
+    if _KEY_CHARS.fullmatch(key):
+        return None
+    bad = next(c for c in key if not _KEY_CHARS.fullmatch(c))
+    return "has a space" if bad.isspace() else f"has an invalid character {bad!r}"
+
+
+def check_key(key: object, *, what: str = "key") -> str:
+    """Return `key` if it is a valid aggregate id, else raise InvalidKeyError (ArgumentTypeError if not str)."""
+    if not isinstance(key, str):
+        raise ArgumentTypeError(f"{what} must be a str or None, got {type(key).__name__} {key!r}")
+    problem = _key_problem(key)
+    if problem is not None:
+        raise InvalidKeyError(f"{what} {key!r} {problem}; {_KEY_RULE}")
+    return key
+
+
+def check_data(data: object) -> bytes:
+    """Return `data` as bytes; refuse str and everything else that is not bytes-like."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    if isinstance(data, str):
+        raise ArgumentTypeError(
+            "data must be bytes, got str: encode it first (data.encode()) or use publish_envelope()"
+        )
+    raise ArgumentTypeError(f"data must be bytes, got {type(data).__name__}")
+
+
+def check_headers(headers: object) -> dict[str, str]:
+    """Return a copy of `headers` as a dict after checking every name and value can travel on the wire."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise ArgumentTypeError(f"headers must be a Mapping[str, str] or None, got {type(headers).__name__}")
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ArgumentTypeError(
+                f"headers must map str to str, got {type(name).__name__} {name!r}: {type(value).__name__}"
+            )
+        if not _HEADER_NAME.fullmatch(name):
+            raise InvalidHeaderError(
+                f"header name {name!r} is not allowed: use printable ASCII without ':' or spaces"
+            )
+        if "\r" in value or "\n" in value:
+            raise InvalidHeaderError(f"header {name!r} has a line break in its value: remove CR and LF")
+        out[name] = value
+    return out
+
+
+def new_message_id() -> str:
+    """A time-ordered unique id (UUID version 7 layout) for messages and envelopes."""
+    ms = time.time_ns() // 1_000_000
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= random.getrandbits(12) << 64
+    value |= 0b10 << 62
+    value |= random.getrandbits(62)
+    return str(uuid.UUID(int=value))
+
+
+@attrs.frozen(kw_only=True)
+class Message:
+    """One delivered message, as a handler of `Bus.subscribe` receives it."""
+
+    #: The topic it was published to.
+    topic: str
+    #: The payload bytes, untouched.
+    data: bytes
+    #: Its key (aggregate id), or None for a keyless message (no ordering).
+    key: str | None
+    #: Headers as they arrived on the wire (including the key's ``X-Aggregate-ID``).
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+    #: 1 on first delivery; higher on a retry or a redelivery.
+    attempt: int = 1
+    #: The id the broker deduplicates on ("" when a foreign publisher sent none).
+    message_id: str = ""
+
+
+# --- Envelope -------------------------------------------------------------------------------------------
+
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+)
+_MAX_INT64 = 2**63 - 1
+
+
+def _parse_timestamp(text: str) -> _dt.datetime | None:
+    """Parse RFC 3339 with up to nanoseconds and any offset (Python 3.10's fromisoformat cannot)."""
+    m = _RFC3339.fullmatch(text)
+    if m is None:
+        return None
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    micros = int((m.group(7) or "0")[:6].ljust(6, "0"))
+    if m.group(8):
+        tz = _dt.timezone.utc
+    else:
+        delta = _dt.timedelta(hours=int(m.group(10)), minutes=int(m.group(11)))
+        tz = _dt.timezone(-delta if m.group(9) == "-" else delta)
+    try:
+        return _dt.datetime(year, month, day, hour, minute, min(second, 59), micros, tzinfo=tz)
+    except ValueError:
+        return None
+
+
+def _format_timestamp(ts: _dt.datetime) -> str:
+    """Format like Go's RFC3339Nano: trailing fraction zeros trimmed, 'Z' for UTC."""
+    text = ts.strftime("%Y-%m-%dT%H:%M:%S")
+    if ts.microsecond:
+        text += f".{ts.microsecond:06d}".rstrip("0")
+    offset = ts.utcoffset() or _dt.timedelta(0)
+    if not offset:
+        return text + "Z"
+    sign = "-" if offset < _dt.timedelta(0) else "+"
+    minutes = abs(int(offset.total_seconds())) // 60
+    return f"{text}{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def _strip(value: object) -> object:
+    return value.strip(" ") if isinstance(value, str) else value
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _fail(reason: str, hint: str = "") -> InvalidEnvelopeError:
+    return InvalidEnvelopeError(reason, hint)
+
+
+def _json_default(value: object) -> object:
+    raise TypeError(f"{type(value).__name__} is not a JSON value")
+
+
+@attrs.frozen(kw_only=True)
+class Envelope:
+    """A domain event in the Go system's JSON envelope form; validated when constructed.
+
+    Raises InvalidEnvelopeError (a ValueError) naming the broken rule. `event_id` is generated (time-ordered)
+    when not given; `timestamp` defaults to now, in UTC, and must be timezone-aware.
+    """
+
+    #: The key: 1..256 characters of A-Z a-z 0-9 : _ - . / (surrounding spaces are trimmed).
+    aggregate_id: str = attrs.field(converter=_strip)
+    #: What happened, e.g. "OrderPlaced"; not blank.
+    event_type: str
+    #: Schema version of the event, an int > 0 (int64 on the wire).
+    event_version: int
+    #: Any JSON value: dict, list, str, int, float, bool or None.
+    payload: Any = None
+    #: When it happened; timezone-aware, kept to the microsecond.
+    timestamp: _dt.datetime = attrs.field(factory=_now)
+    #: Tracing id ("" = none, omitted on the wire).
+    trace_id: str = ""
+    #: Correlation id ("" = none, omitted on the wire).
+    correlation_id: str = ""
+    #: Tenant number, an int >= 0 (0 = none, omitted on the wire).
+    tenant_id: int = 0
+    #: Unique event id, also the message id brokers deduplicate on; "" when a decoded envelope had none.
+    event_id: str = attrs.field(factory=new_message_id)
+    _payload_json: str = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.aggregate_id, str):
+            raise ArgumentTypeError(f"aggregate_id must be a str, got {type(self.aggregate_id).__name__}")
+        problem = _key_problem(self.aggregate_id)
+        if problem is not None:
+            raise _fail(f"aggregate_id {problem}", _KEY_RULE)
+        if not isinstance(self.event_type, str):
+            raise ArgumentTypeError(f"event_type must be a str, got {type(self.event_type).__name__}")
+        if not self.event_type.strip():
+            raise _fail("event_type blank", "give the event's type name, e.g. 'OrderPlaced'")
+        version = self.event_version
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise _fail("event_version not an integer", "use an int > 0")
+        if version == 0:
+            raise _fail("event_version zero", "use an int > 0")
+        if not 0 < version <= _MAX_INT64:
+            raise _fail(f"event_version out of range ({version})", "use an int between 1 and 2**63-1")
+        if not isinstance(self.timestamp, _dt.datetime):
+            raise ArgumentTypeError(f"timestamp must be a datetime, got {type(self.timestamp).__name__}")
+        if self.timestamp.utcoffset() is None:
+            raise _fail("timestamp has no time zone", "use an aware datetime, e.g. datetime.now(timezone.utc)")
+        for name in ("trace_id", "correlation_id", "event_id"):
+            if not isinstance(getattr(self, name), str):
+                raise ArgumentTypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
+        tenant = self.tenant_id
+        if isinstance(tenant, bool) or not isinstance(tenant, int) or not 0 <= tenant <= _MAX_INT64:
+            raise _fail(f"tenant_id invalid ({tenant!r})", "use an int >= 0 (0 means no tenant)")
+        try:
+            text = json.dumps(
+                self.payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_default
+            )
+        except (TypeError, ValueError) as exc:
+            raise _fail(f"payload not JSON ({exc})", "use dicts, lists, str, int, float, bool and None") from None
+        object.__setattr__(self, "_payload_json", text)
+
+    def encode(self) -> bytes:
+        """The envelope as the Go system's JSON (UTF-8), empty optional fields omitted."""
+        parts = [
+            f'"event_id":{json.dumps(self.event_id)}',
+            f'"aggregate_id":{json.dumps(self.aggregate_id)}',
+            f'"event_type":{json.dumps(self.event_type, ensure_ascii=False)}',
+            f'"event_version":{self.event_version}',
+            f'"timestamp":"{_format_timestamp(self.timestamp)}"',
+        ]
+        if self.trace_id:
+            parts.append(f'"trace_id":{json.dumps(self.trace_id, ensure_ascii=False)}')
+        if self.correlation_id:
+            parts.append(f'"correlation_id":{json.dumps(self.correlation_id, ensure_ascii=False)}')
+        if self.tenant_id:
+            parts.append(f'"tenant_id":{self.tenant_id}')
+        parts.append(f'"payload":{self._payload_json}')
+        return ("{" + ",".join(parts) + "}").encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Envelope:
+        """Parse the Go system's JSON envelope; raise InvalidEnvelopeError whose `reason` names the broken rule."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ArgumentTypeError(f"Envelope.decode takes bytes, got {type(data).__name__}")
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _fail("invalid UTF-8", "envelopes are UTF-8 JSON") from None
+        try:
+            obj = json.loads(text, parse_constant=_reject_constant)
+        except ValueError:
+            raise _fail("not JSON", "envelopes are one JSON object") from None
+        if not isinstance(obj, dict):
+            kind = "an array" if isinstance(obj, list) else f"a {type(obj).__name__}"
+            raise _fail(f"top level is {kind}", "an envelope is one JSON object")
+        fields: dict[str, Any] = {}
+        for name in ("aggregate_id", "event_type", "event_version", "timestamp", "payload"):
+            if name not in obj:
+                raise _fail(f"{name} missing", "the Go envelope requires it")
+        for name in ("aggregate_id", "event_type", "timestamp", "event_id", "trace_id", "correlation_id"):
+            if name in obj and not isinstance(obj[name], str):
+                raise _fail(f"{name} not a string", "it must be a JSON string")
+        if isinstance(obj["aggregate_id"], str) and not obj["aggregate_id"].strip(" "):
+            raise _fail("aggregate_id empty", _KEY_RULE)
+        if isinstance(obj["event_type"], str) and not obj["event_type"].strip():
+            raise _fail("event_type missing", "the Go envelope requires a non-blank event_type")
+        timestamp = _parse_timestamp(obj["timestamp"])
+        if timestamp is None:
+            raise _fail("timestamp not RFC 3339", "write it like 2025-10-13T08:15:00.123456789+08:00")
+        tenant = obj.get("tenant_id", 0)
+        if isinstance(tenant, bool) or not isinstance(tenant, int):
+            raise _fail("tenant_id not an integer", "use a JSON integer >= 0")
+        fields.update(
+            aggregate_id=obj["aggregate_id"],
+            event_type=obj["event_type"],
+            event_version=obj["event_version"],
+            timestamp=timestamp,
+            trace_id=obj.get("trace_id", ""),
+            correlation_id=obj.get("correlation_id", ""),
+            tenant_id=tenant,
+            payload=obj["payload"],
+            event_id=obj.get("event_id", ""),
+        )
+        return cls(**fields)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+@attrs.define(eq=False)
+class AggregateMessage:
+    """A delivery on its way through the pool: the key it is ordered by and everything needed to settle it."""
+
+    #: Routing and ordering key; None for keyless messages.
+    key: str | None
+    #: The backend's handle to ack, terminate or release the message.
+    delivery: Any
+    #: The subscription that will handle it (a `_pool.Consumer`).
+    consumer: Any
+    #: What the handler receives (a Message or an Envelope).
+    value: Any
+    #: Attempt number of the next handler run.
+    attempt: int = 1
+    #: Set when the message must be dead-lettered without (more) handler runs, e.g. it failed to decode.
+    dead_letter_reason: str | None = None

@@ -1,0 +1,329 @@
+"""The keyed worker pool every topic shares: routing by key, per-key order, retries with parking, drain."""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import itertools
+import logging
+import math
+from collections import deque
+from typing import TYPE_CHECKING, Protocol
+
+import attrs
+import trio
+
+from ._config import PoolConfig, RetryPolicy
+from ._messages import AggregateMessage
+
+if TYPE_CHECKING:
+    from collections.abc import Hashable
+
+__all__ = ["Consumer", "Counters", "KeyedWorkerPool", "fnv1a_32"]
+
+logger = logging.getLogger("keyedbus")
+
+_FNV_OFFSET = 0x811C9DC5
+_FNV_PRIME = 0x01000193
+
+
+@functools.lru_cache(maxsize=65536)
+def fnv1a_32(key: str) -> int:
+    """FNV-1a 32-bit hash of the key's UTF-8 bytes: the same in every process, unlike hash()."""
+    h = _FNV_OFFSET
+    for byte in key.encode():
+        h = ((h ^ byte) * _FNV_PRIME) & 0xFFFFFFFF
+    return h
+
+
+class Consumer(Protocol):
+    """What the pool needs from a subscription to run and settle its messages."""
+
+    @property
+    def active(self) -> bool:
+        """False once unsubscribing: its messages are released, not run."""
+        ...
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """Its retry policy."""
+        ...
+
+    @property
+    def topic(self) -> str:
+        """Its topic, for logs."""
+        ...
+
+    async def handle(self, item: AggregateMessage) -> None:
+        """Run the user's handler once for `item` (raises what the handler raises)."""
+
+    async def dead_letter(self, item: AggregateMessage, reason: str) -> None:
+        """Publish `item` to the dead-letter topic with `reason`; raises if the publish failed."""
+
+    def started(self) -> None:
+        """A handler of this consumer begins."""
+
+    def finished(self) -> None:
+        """A handler of this consumer ended."""
+
+
+@attrs.define
+class Counters:
+    """Mutable totals behind `Bus.statistics()`."""
+
+    handled: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    dropped: int = 0
+    in_flight: int = 0
+    waiting: int = 0
+    parked_keys: int = 0
+
+
+@attrs.define(eq=False)
+class _Parked:
+    """A key waiting for its next retry, with the messages of that key that arrived meanwhile (in order)."""
+
+    items: deque[AggregateMessage]
+    due: float
+
+
+class KeyedWorkerPool:
+    """One worker task per slot, each with a bounded queue; a key always goes to the same worker.
+
+    A worker runs one handler at a time and settles the message itself (ack, retry, dead-letter), so
+    dispatching never waits for a result. A failing message parks its key (with the key's later messages)
+    until its backoff is over, and the worker moves on to other keys. Keyless messages run in their own
+    tasks, at most `workers` at once.
+    """
+
+    def __init__(self, config: PoolConfig, counters: Counters) -> None:
+        self.config = config
+        self.counters = counters
+        pairs = [trio.open_memory_channel[AggregateMessage](config.queue_size) for _ in range(config.workers)]
+        self._send = [s for s, _ in pairs]
+        self._receive = [r for _, r in pairs]
+        self._keyless_slots = trio.Semaphore(config.workers)
+        self._nursery: trio.Nursery | None = None
+        self._items = 0  # dispatched and not yet settled or released
+        self._idle = trio.lowlevel.ParkingLot()
+        self._closed = False
+        self._tick = itertools.count()  # tie-breaker so the timer heap never compares keys
+        self.done = trio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the workers until `close()` and every queued, running and parked message is finished.
+
+        Cancelling it leaves whatever is unfinished unsettled (redelivered later on persistent topics).
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for index, receive in enumerate(self._receive):
+                    nursery.start_soon(self._worker, receive, name=f"keyedbus-worker-{index}")
+                task_status.started()
+        finally:
+            self.done.set()
+
+    def close(self) -> None:
+        """Take no more messages; workers exit when their queue and parked keys are done."""
+        self._closed = True
+        for send in self._send:
+            send.close()
+
+    @property
+    def unfinished(self) -> int:
+        """Messages dispatched and not yet settled or released."""
+        return self._items
+
+    async def wait_idle(self) -> None:
+        """Wait until no message is queued, running or parked."""
+        while self._items:
+            await self._idle.park()
+
+    def queue_depths(self) -> tuple[int, ...]:
+        """Messages waiting in each worker's queue, by worker index."""
+        return tuple(s.statistics().current_buffer_used for s in self._send)
+
+    # -- dispatch -------------------------------------------------------------------------------------------
+
+    def worker_for(self, key: str) -> int:
+        """Index of the worker that runs every message with this key."""
+        return fnv1a_32(key) % self.config.workers
+
+    async def dispatch(self, item: AggregateMessage) -> None:
+        """Queue `item` on its key's worker (or start it, keyless), waiting for room.
+
+        Atomic with respect to cancellation: if cancelled, the item was not queued. Raises
+        trio.ClosedResourceError after `close()`.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("the worker pool is closed")
+        if item.key is None:
+            await self._keyless_slots.acquire()
+            assert self._nursery is not None, "pool not running"
+            self._items += 1
+            self._nursery.start_soon(self._keyless, item)
+            return
+        send = self._send[fnv1a_32(item.key) % self.config.workers]
+        # Counted before the send: once sent, the worker may settle it before this task runs again.
+        self._items += 1
+        try:
+            try:
+                send.send_nowait(item)
+            except trio.WouldBlock:
+                await send.send(item)
+        except BaseException:
+            self._settled()
+            raise
+
+    # -- running ------------------------------------------------------------------------------------------
+
+    def _settled(self) -> None:
+        self._items -= 1
+        if not self._items:
+            self._idle.unpark_all()
+
+    async def _worker(self, receive: trio.MemoryReceiveChannel[AggregateMessage]) -> None:
+        parked: dict[Hashable, _Parked] = {}
+        timers: list[tuple[float, int, Hashable]] = []
+        closed = False
+        with receive:
+            while True:
+                while timers and timers[0][0] <= trio.current_time():
+                    _, _, pkey = heapq.heappop(timers)
+                    await self._resume(parked, timers, pkey)
+                if closed:
+                    if not timers:
+                        return
+                    await trio.sleep_until(timers[0][0])
+                    continue
+                item: AggregateMessage | None = None
+                # Only the receive sits inside the deadline scope: a handler must never be cut short by it.
+                with trio.move_on_at(timers[0][0] if timers else math.inf):
+                    try:
+                        item = await receive.receive()
+                    except trio.EndOfChannel:
+                        closed = True
+                if item is None:
+                    continue
+                pkey = (item.consumer, item.key)
+                waiting = parked.get(pkey)
+                if waiting is not None:
+                    waiting.items.append(item)
+                    self.counters.waiting += 1
+                    continue
+                delay = await self._attempt(item)
+                if delay is not None:
+                    due = trio.current_time() + delay
+                    parked[pkey] = _Parked(deque([item]), due)
+                    self.counters.waiting += 1
+                    self.counters.parked_keys += 1
+                    heapq.heappush(timers, (due, next(self._tick), pkey))
+
+    async def _resume(self, parked: dict[Hashable, _Parked], timers: list[tuple[float, int, Hashable]],
+                      pkey: Hashable) -> None:
+        """Retry a parked key's head message, then run its later messages in order until one fails again."""
+        waiting = parked[pkey]
+        while waiting.items:
+            item = waiting.items[0]
+            delay = await self._attempt(item)
+            if delay is not None:
+                waiting.due = trio.current_time() + delay
+                heapq.heappush(timers, (waiting.due, next(self._tick), pkey))
+                return
+            waiting.items.popleft()
+            self.counters.waiting -= 1
+        del parked[pkey]
+        self.counters.parked_keys -= 1
+
+    async def _keyless(self, item: AggregateMessage) -> None:
+        """Run one keyless message to the end, releasing its slot while it waits between attempts."""
+        try:
+            delay = await self._attempt(item)
+        finally:
+            self._keyless_slots.release()
+        while delay is not None:
+            self.counters.waiting += 1
+            try:
+                await trio.sleep(delay)
+            finally:
+                self.counters.waiting -= 1
+            async with self._keyless_slots:
+                delay = await self._attempt(item)
+
+    async def _attempt(self, item: AggregateMessage) -> float | None:
+        """Run `item` once and settle it; return the seconds to wait before a retry, or None when done."""
+        consumer: Consumer = item.consumer
+        if not consumer.active:
+            return self._release(item)
+        if item.dead_letter_reason is not None:
+            return await self._dead_letter(item, item.dead_letter_reason)
+        counters = self.counters
+        counters.in_flight += 1
+        consumer.started()
+        try:
+            failure = await self._call(consumer, item)
+        finally:
+            counters.in_flight -= 1
+            consumer.finished()
+        if failure is None:
+            counters.handled += 1
+            item.delivery.ack()
+            self._settled()
+            return None
+        if not consumer.active:
+            return self._release(item)
+        policy = consumer.retry
+        if item.attempt >= policy.max_attempts:
+            return await self._dead_letter(item, failure)
+        counters.retried += 1
+        delay = policy.backoff(item.attempt)
+        logger.warning(
+            "handler failed on %s (key %s, attempt %d of %d), retrying in %.3f s: %s",
+            consumer.topic, item.key, item.attempt, policy.max_attempts, delay, failure,
+            extra={"topic": consumer.topic, "key": item.key, "attempt": item.attempt,
+                   "message_id": item.delivery.message.message_id},
+        )
+        item.attempt += 1
+        return delay
+
+    async def _call(self, consumer: Consumer, item: AggregateMessage) -> str | None:
+        """Run the handler once; return None on success or the failure as 'Type: message'."""
+        timeout = self.config.handler_timeout
+        try:
+            if timeout is None:
+                await consumer.handle(item)
+                return None
+            with trio.move_on_after(timeout) as scope:
+                await consumer.handle(item)
+            if scope.cancelled_caught:
+                return (f"HandlerTimeoutError: handler ran longer than {timeout} s "
+                        "(PoolConfig.handler_timeout) and was cancelled")
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    async def _dead_letter(self, item: AggregateMessage, reason: str) -> float | None:
+        consumer: Consumer = item.consumer
+        try:
+            await consumer.dead_letter(item, reason)
+        except Exception as exc:
+            # Never drop it: keep the key parked and try the dead-letter publish again later.
+            item.dead_letter_reason = reason
+            delay = consumer.retry.max_backoff or 1.0
+            logger.error("could not dead-letter a message of %s (key %s), trying again in %.1f s: %s",
+                         consumer.topic, item.key, delay, exc,
+                         extra={"topic": consumer.topic, "key": item.key, "attempt": item.attempt})
+            return delay
+        item.delivery.term()
+        self.counters.dead_lettered += 1
+        self._settled()
+        return None
+
+    def _release(self, item: AggregateMessage) -> None:
+        item.delivery.release()
+        self._settled()
+        return None
