@@ -1,0 +1,285 @@
+"""DESIGN.md's guarantees, run against every backend in conftest.BACKENDS.
+
+Tests take the `clock` fixture: virtual time on memory://, real time (bounded by fail_after) elsewhere.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import trio
+import trio.testing
+
+import keyedbus
+
+FAST_RETRY = keyedbus.RetryPolicy(max_attempts=10, initial_backoff=0.01, max_backoff=0.05, jitter=0)
+
+
+class OrderChecker:
+    """Records handler starts and ends per key; fails if a key ever runs two handlers or goes backwards."""
+
+    def __init__(self) -> None:
+        self.running: set[str] = set()
+        self.done: dict[str, list[int]] = defaultdict(list)
+        self.violations: list[str] = []
+        self.max_concurrent = 0
+
+    def start(self, key: str, seq: int) -> None:
+        if key in self.running:
+            self.violations.append(f"{key}#{seq} started while an earlier message of {key} was running")
+        if self.done[key] and seq <= self.done[key][-1]:
+            self.violations.append(f"{key}#{seq} started after {key}#{self.done[key][-1]} had finished")
+        self.running.add(key)
+        self.max_concurrent = max(self.max_concurrent, len(self.running))
+
+    def end(self, key: str, seq: int, ok: bool) -> None:
+        self.running.discard(key)
+        if ok:
+            self.done[key].append(seq)
+
+
+async def test_order_per_key_through_random_delays_and_failures(bus_url: str, clock: object) -> None:
+    rng = random.Random(1234)
+    checker = OrderChecker()
+    keys = [f"order-{i}" for i in range(20)]
+    per_key = 30
+
+    async def handler(msg: keyedbus.Message) -> None:
+        assert msg.key is not None
+        seq = int(msg.data)
+        checker.start(msg.key, seq)
+        ok = False
+        try:
+            await trio.sleep(rng.random() * 0.005)
+            if rng.random() < 0.2:
+                raise RuntimeError("injected failure")
+            ok = True
+        finally:
+            checker.end(msg.key, seq, ok)
+
+    with trio.fail_after(60):
+        async with keyedbus.open_bus(bus_url, pool=keyedbus.PoolConfig(workers=8), retry=FAST_RETRY) as bus:
+            await bus.subscribe("orders", handler)
+            for seq in range(per_key):
+                for key in keys:
+                    await bus.publish("orders", str(seq).encode(), key=key)
+    assert checker.violations == []
+    assert {k: v for k, v in checker.done.items()} == {k: list(range(per_key)) for k in keys}
+    stats = bus.statistics()
+    assert stats.handled == len(keys) * per_key
+    assert stats.retried > 0
+    assert stats.dead_lettered == 0
+
+
+async def test_different_keys_run_concurrently_same_key_does_not(bus_url: str, clock: object) -> None:
+    release = trio.Event()
+    running: list[str] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        running.append(msg.data.decode())
+        await release.wait()
+
+    with trio.fail_after(30):
+        async with keyedbus.open_bus(bus_url, pool=keyedbus.PoolConfig(workers=16)) as bus:
+            await bus.subscribe("orders", handler)
+            for i in range(8):
+                await bus.publish("orders", f"k{i}-first".encode(), key=f"k{i}")
+                await bus.publish("orders", f"k{i}-second".encode(), key=f"k{i}")
+            while len(running) < 8:
+                await trio.sleep(0.001)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(running) == sorted(f"k{i}-first" for i in range(8))
+            assert bus.statistics().in_flight == 8
+            release.set()
+    assert sorted(running) == sorted([f"k{i}-first" for i in range(8)] + [f"k{i}-second" for i in range(8)])
+
+
+async def test_a_poison_key_does_not_stall_other_keys_on_its_worker(bus_url: str, clock: object) -> None:
+    retry = keyedbus.RetryPolicy(max_attempts=3, initial_backoff=1.0, max_backoff=1.0, jitter=0)
+    healthy_done: list[float] = []
+    poison_attempts: list[float] = []
+    dead: list[keyedbus.Message] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        if msg.key == "poison":
+            poison_attempts.append(trio.current_time())
+            raise ValueError("cannot handle this one")
+        healthy_done.append(trio.current_time())
+
+    async def on_dead(msg: keyedbus.Message) -> None:
+        dead.append(msg)
+
+    with trio.fail_after(30):
+        # One worker: every key shares the poison key's worker.
+        async with keyedbus.open_bus(bus_url, pool=keyedbus.PoolConfig(workers=1), retry=retry) as bus:
+            await bus.subscribe("orders", handler)
+            await bus.subscribe("orders.dead-letter", on_dead)
+            start = trio.current_time()
+            await bus.publish("orders", b"x", key="poison")
+            for i in range(50):
+                await bus.publish("orders", b"y", key=f"healthy-{i}")
+            while len(healthy_done) < 50:
+                await trio.sleep(0.001)
+            # All healthy keys finished before the poison key's first retry was due.
+            assert max(healthy_done) - start < retry.initial_backoff
+            assert bus.statistics().parked_keys == 1
+    assert len(poison_attempts) == 3
+    assert len(dead) == 1
+    assert dead[0].headers["Keyedbus-Attempts"] == "3"
+
+
+async def test_leaving_the_block_drains_everything_published(bus_url: str, clock: object) -> None:
+    handled: list[int] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        await trio.sleep(0.01)
+        handled.append(int(msg.data))
+
+    with trio.fail_after(60):
+        async with keyedbus.open_bus(bus_url, pool=keyedbus.PoolConfig(workers=4)) as bus:
+            await bus.subscribe("orders", handler)
+            for i in range(200):
+                await bus.publish("orders", str(i).encode(), key=f"k{i % 10}")
+    assert sorted(handled) == list(range(200))
+    assert bus.statistics().queued == 0
+
+
+async def test_unsettled_messages_go_to_the_groups_next_subscriber_in_key_order(bus_url: str, clock: object) -> None:
+    retry = keyedbus.RetryPolicy(max_attempts=5, initial_backoff=30.0, max_backoff=30.0, jitter=0)
+    first_seen: list[tuple[str, int]] = []
+    second_seen: list[tuple[str, int, int]] = []
+    k2_running = trio.Event()
+    k2_release = trio.Event()
+
+    async def first(msg: keyedbus.Message) -> None:
+        assert msg.key is not None
+        first_seen.append((msg.key, int(msg.data)))
+        if msg.key == "k1" and msg.data == b"0":
+            raise RuntimeError("fail so the key parks for 30 s")
+        if msg.key == "k2" and msg.data == b"0":
+            k2_running.set()
+            await k2_release.wait()
+
+    async def second(msg: keyedbus.Message) -> None:
+        assert msg.key is not None
+        second_seen.append((msg.key, int(msg.data), msg.attempt))
+
+    with trio.fail_after(60):
+        async with keyedbus.open_bus(bus_url, pool=keyedbus.PoolConfig(workers=4), retry=retry) as bus:
+            sub = await bus.subscribe("orders", first, group="billing")
+            for i in range(5):
+                await bus.publish("orders", str(i).encode(), key="k1")
+                await bus.publish("orders", str(i).encode(), key="k2")
+            await k2_running.wait()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sub.unsubscribe)
+                await trio.testing.wait_all_tasks_blocked()
+                k2_release.set()  # the running handler is allowed to finish
+            assert ("k1", 0) in first_seen
+            await bus.subscribe("orders", second, group="billing")
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for key, seq, _ in second_seen:
+        by_key[key].append(seq)
+    assert by_key["k1"] == [0, 1, 2, 3, 4]  # k1#0 first, though it failed and was parked
+    assert by_key["k2"] == [1, 2, 3, 4]  # k2#0 finished under the first subscriber and was acked
+    assert next(a for k, s, a in second_seen if (k, s) == ("k1", 0)) > 1
+
+
+async def test_dead_letter_carries_key_headers_and_reason_then_the_key_moves_on(bus_url: str, clock: object) -> None:
+    retry = keyedbus.RetryPolicy(max_attempts=2, initial_backoff=0.5, jitter=0)
+    dead: list[keyedbus.Message] = []
+    handled: list[bytes] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        if msg.data == b"bad":
+            raise KeyError("no such sku")
+        handled.append(msg.data)
+
+    async def on_dead(msg: keyedbus.Message) -> None:
+        dead.append(msg)
+
+    with trio.fail_after(30):
+        async with keyedbus.open_bus(bus_url, retry=retry) as bus:
+            await bus.subscribe("orders", handler)
+            await bus.subscribe("orders.dead-letter", on_dead)
+            await bus.publish("orders", b"bad", key="k", headers={"Trace": "t-1"})
+            await bus.publish("orders", b"good", key="k")
+    assert handled == [b"good"]
+    [letter] = dead
+    assert letter.data == b"bad"
+    assert letter.key == "k"
+    assert letter.headers["Trace"] == "t-1"
+    assert letter.headers["Keyedbus-Error"] == "KeyError: 'no such sku'"
+    assert letter.headers["Keyedbus-Attempts"] == "2"
+    assert letter.headers["Keyedbus-Original-Topic"] == "orders"
+    assert bus.statistics().dead_lettered == 1
+
+
+async def test_malformed_envelope_is_dead_lettered_and_the_bus_keeps_running(bus_url: str, clock: object) -> None:
+    got: list[keyedbus.Envelope] = []
+    dead: list[keyedbus.Message] = []
+
+    async def on_event(env: keyedbus.Envelope) -> None:
+        got.append(env)
+
+    async def on_dead(msg: keyedbus.Message) -> None:
+        dead.append(msg)
+
+    with trio.fail_after(30):
+        async with keyedbus.open_bus(bus_url) as bus:
+            await bus.subscribe_envelope("orders", on_event, dead_letter="orders.bad")
+            await bus.subscribe("orders.bad", on_dead)
+            bad = (b'{"aggregate_id":"order 1","event_type":"Placed","event_version":1,'
+                   b'"timestamp":"2025-10-13T00:00:00Z","payload":{}}')
+            await bus.publish("orders", bad, key="order-1")
+            await bus.publish_envelope(
+                "orders", keyedbus.Envelope(aggregate_id="order-1", event_type="Placed", event_version=1))
+    assert [e.event_type for e in got] == ["Placed"]
+    [letter] = dead
+    assert "aggregate_id has a space" in letter.headers["Keyedbus-Error"]
+    assert letter.headers["Keyedbus-Attempts"] == "1"
+
+
+async def test_each_group_gets_every_message(bus_url: str, clock: object) -> None:
+    seen: dict[str, list[bytes]] = defaultdict(list)
+
+    def make(group: str) -> keyedbus._bus.Handler[keyedbus.Message]:
+        async def handler(msg: keyedbus.Message) -> None:
+            seen[group].append(msg.data)
+        return handler
+
+    with trio.fail_after(30):
+        async with keyedbus.open_bus(bus_url) as bus:
+            await bus.subscribe("orders", make("a"), group="a")
+            await bus.subscribe("orders", make("b"), group="b")
+            for i in range(10):
+                await bus.publish("orders", str(i).encode(), key="k")
+    expected = [str(i).encode() for i in range(10)]
+    assert seen == {"a": expected, "b": expected}
+
+
+async def test_keyless_messages_run_concurrently_up_to_the_worker_count(bus_url: str, clock: object) -> None:
+    release = trio.Event()
+    running = 0
+    peak = 0
+
+    async def handler(msg: keyedbus.Message) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await release.wait()
+        running -= 1
+
+    with trio.fail_after(30):
+        async with keyedbus.open_bus(bus_url, pool=keyedbus.PoolConfig(workers=4)) as bus:
+            await bus.subscribe("audit", handler)
+            for i in range(10):
+                await bus.publish("audit", str(i).encode())
+            while running < 4:
+                await trio.sleep(0.001)
+            await trio.testing.wait_all_tasks_blocked()
+            assert running == 4
+            release.set()
+    assert peak == 4
+    assert bus.statistics().handled == 10
