@@ -57,8 +57,10 @@ async def test_handlers_must_be_async_callables(autojump_clock: object) -> None:
             pass
 
     async with keyedbus.open_bus() as bus:
-        with pytest.raises(keyedbus.InvalidHandlerError,
-                           match=r"^handler .*sync_handler is not async: define it with 'async def'"):
+        with pytest.raises(
+            keyedbus.InvalidHandlerError,
+            match=r"^handler .*sync_handler is not async: define it with 'async def'",
+        ):
             await bus.subscribe("orders", sync_handler)  # type: ignore[arg-type]
         with pytest.raises(keyedbus.InvalidHandlerError, match=r"^handler must be an async function"):
             await bus.subscribe("orders", "not callable")  # type: ignore[arg-type]
@@ -70,8 +72,10 @@ async def test_handlers_must_be_async_callables(autojump_clock: object) -> None:
 async def test_subscribing_twice_to_the_same_topic_and_group_raises(autojump_clock: object) -> None:
     async with keyedbus.open_bus() as bus:
         await bus.subscribe("orders", noop, group="g")
-        with pytest.raises(keyedbus.DuplicateSubscriptionError,
-                           match=r"^this bus already subscribes to topic 'orders' in group 'g'"):
+        with pytest.raises(
+            keyedbus.DuplicateSubscriptionError,
+            match=r"^this bus already subscribes to topic 'orders' in group 'g'",
+        ):
             await bus.subscribe("orders", noop, group="g")
         await bus.subscribe("orders", noop, group="h")
         sub = await bus.subscribe("orders", noop)
@@ -91,12 +95,17 @@ async def test_subscribing_twice_to_the_same_topic_and_group_raises(autojump_clo
         ({"headers": {"a": "x\ny"}}, keyedbus.InvalidHeaderError, r"^header 'a' has a line break"),
         ({"headers": {"a": 1}}, keyedbus.ArgumentTypeError, r"^headers must map str to str"),
         ({"headers": ["a"]}, keyedbus.ArgumentTypeError, r"^headers must be a Mapping"),
-        ({"headers": {"X-Aggregate-ID": "k1"}, "key": "k2"}, keyedbus.InvalidHeaderError, r"contradicts key="),
+        (
+            {"headers": {"X-Aggregate-ID": "k1"}, "key": "k2"},
+            keyedbus.InvalidHeaderError,
+            r"contradicts key=",
+        ),
         ({"message_id": ""}, keyedbus.ArgumentTypeError, r"^message_id must be a non-empty str"),
     ],
 )
-async def test_bad_publish_arguments(kwargs: dict[str, Any], error: type[Exception], message: str,
-                                     autojump_clock: object) -> None:
+async def test_bad_publish_arguments(
+    kwargs: dict[str, Any], error: type[Exception], message: str, autojump_clock: object
+) -> None:
     args: dict[str, Any] = {"data": b"x", **kwargs}
     data = args.pop("data")
     async with keyedbus.open_bus() as bus:
@@ -108,11 +117,18 @@ async def test_bad_publish_arguments(kwargs: dict[str, Any], error: type[Excepti
 
 @pytest.mark.parametrize(
     ("kwargs", "error"),
-    [({"group": "a.b"}, keyedbus.InvalidTopicError), ({"group": 3}, keyedbus.ArgumentTypeError),
-     ({"retry": 3}, keyedbus.ArgumentTypeError), ({"dead_letter": "x y"}, keyedbus.InvalidTopicError),
-     ({"dead_letter": "orders"}, keyedbus.InvalidTopicError), ({"key": "k"}, keyedbus.ArgumentTypeError)],
+    [
+        ({"group": "a.b"}, keyedbus.InvalidTopicError),
+        ({"group": 3}, keyedbus.ArgumentTypeError),
+        ({"retry": 3}, keyedbus.ArgumentTypeError),
+        ({"dead_letter": "x y"}, keyedbus.InvalidTopicError),
+        ({"dead_letter": "orders"}, keyedbus.InvalidTopicError),
+        ({"key": "k"}, keyedbus.ArgumentTypeError),
+    ],
 )
-async def test_bad_subscribe_arguments(kwargs: dict[str, Any], error: type[Exception], autojump_clock: object) -> None:
+async def test_bad_subscribe_arguments(
+    kwargs: dict[str, Any], error: type[Exception], autojump_clock: object
+) -> None:
     async with keyedbus.open_bus() as bus:
         with pytest.raises(error):
             await bus.subscribe("orders", noop, **kwargs)
@@ -135,7 +151,9 @@ async def test_publish_envelope_takes_an_envelope(autojump_clock: object) -> Non
         ("memory://", {"drain_timeout": -1}, keyedbus.InvalidConfigError, r"^drain_timeout must be"),
     ],
 )
-async def test_bad_open_bus_arguments(url: Any, kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
+async def test_bad_open_bus_arguments(
+    url: Any, kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
     with pytest.raises(error, match=message):
         async with keyedbus.open_bus(url, **kwargs):
             pass  # pragma: no cover
@@ -148,7 +166,7 @@ async def test_an_exception_in_the_block_propagates_as_itself(autojump_clock: ob
     class Boom(Exception):
         pass
 
-    with pytest.raises(Boom) as info:
+    with pytest.raises(Boom) as info:  # noqa: PT012 - the raise must happen inside the bus block
         async with keyedbus.open_bus() as bus:
             await bus.subscribe("orders", noop)
             raise Boom("in the block")
@@ -157,7 +175,9 @@ async def test_an_exception_in_the_block_propagates_as_itself(autojump_clock: ob
 
 
 def _all_tasks() -> int:
-    count, stack = 0, [trio.lowlevel.current_root_task()]
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    count, stack = 0, [root]
     while stack:
         task = stack.pop()
         count += 1
@@ -183,7 +203,9 @@ async def test_the_bus_refuses_use_after_close(autojump_clock: object) -> None:
         await bus.subscribe("orders", noop)
 
 
-async def test_drain_timeout_bounds_the_exit(autojump_clock: object, caplog: pytest.LogCaptureFixture) -> None:
+async def test_drain_timeout_bounds_the_exit(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
     async def stuck(msg: keyedbus.Message) -> None:
         await trio.sleep_forever()
 
@@ -199,7 +221,9 @@ async def test_drain_timeout_bounds_the_exit(autojump_clock: object, caplog: pyt
 
 
 async def test_retry_times_follow_the_policy_exactly(autojump_clock: object) -> None:
-    retry = keyedbus.RetryPolicy(max_attempts=4, initial_backoff=0.1, multiplier=2.0, max_backoff=0.3, jitter=0)
+    retry = keyedbus.RetryPolicy(
+        max_attempts=4, initial_backoff=0.1, multiplier=2.0, max_backoff=0.3, jitter=0
+    )
     starts: list[tuple[float, int]] = []
 
     async def handler(msg: keyedbus.Message) -> None:
@@ -256,7 +280,9 @@ async def test_a_message_attempt_is_visible_to_the_handler(autojump_clock: objec
 # -- broker limits --------------------------------------------------------------------------------------
 
 
-async def test_a_full_persistent_topic_blocks_publish_and_refuses_publish_nowait(autojump_clock: object) -> None:
+async def test_a_full_persistent_topic_blocks_publish_and_refuses_publish_nowait(
+    autojump_clock: object,
+) -> None:
     async with keyedbus.open_bus() as bus:
         await bus.configure_topic("orders", keyedbus.TopicConfig(max_msgs=3))
         for i in range(3):
@@ -292,8 +318,9 @@ async def test_a_retried_publish_with_the_same_message_id_is_stored_once(autojum
     assert len(seen) == 2
 
 
-async def test_ephemeral_overflow_is_counted_and_logged(autojump_clock: object, caplog: pytest.LogCaptureFixture
-                                                        ) -> None:
+async def test_ephemeral_overflow_is_counted_and_logged(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
     release = trio.Event()
     handled = 0
 

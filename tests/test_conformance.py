@@ -74,10 +74,13 @@ async def test_order_per_key_through_random_delays_and_failures(bus_url: str, cl
 
 async def test_different_keys_run_concurrently_same_key_does_not(bus_url: str, clock: object) -> None:
     release = trio.Event()
+    eight_running = trio.Event()
     running: list[str] = []
 
     async def handler(msg: keyedbus.Message) -> None:
         running.append(msg.data.decode())
+        if len(running) == 8:
+            eight_running.set()
         await release.wait()
 
     with trio.fail_after(30):
@@ -86,8 +89,7 @@ async def test_different_keys_run_concurrently_same_key_does_not(bus_url: str, c
             for i in range(8):
                 await bus.publish("orders", f"k{i}-first".encode(), key=f"k{i}")
                 await bus.publish("orders", f"k{i}-second".encode(), key=f"k{i}")
-            while len(running) < 8:
-                await trio.sleep(0.001)
+            await eight_running.wait()
             await trio.testing.wait_all_tasks_blocked()
             assert sorted(running) == sorted(f"k{i}-first" for i in range(8))
             assert bus.statistics().in_flight == 8
@@ -100,12 +102,15 @@ async def test_a_poison_key_does_not_stall_other_keys_on_its_worker(bus_url: str
     healthy_done: list[float] = []
     poison_attempts: list[float] = []
     dead: list[keyedbus.Message] = []
+    all_healthy_done = trio.Event()
 
     async def handler(msg: keyedbus.Message) -> None:
         if msg.key == "poison":
             poison_attempts.append(trio.current_time())
             raise ValueError("cannot handle this one")
         healthy_done.append(trio.current_time())
+        if len(healthy_done) == 50:
+            all_healthy_done.set()
 
     async def on_dead(msg: keyedbus.Message) -> None:
         dead.append(msg)
@@ -119,8 +124,7 @@ async def test_a_poison_key_does_not_stall_other_keys_on_its_worker(bus_url: str
             await bus.publish("orders", b"x", key="poison")
             for i in range(50):
                 await bus.publish("orders", b"y", key=f"healthy-{i}")
-            while len(healthy_done) < 50:
-                await trio.sleep(0.001)
+            await all_healthy_done.wait()
             # All healthy keys finished before the poison key's first retry was due.
             assert max(healthy_done) - start < retry.initial_backoff
             assert bus.statistics().parked_keys == 1
@@ -145,7 +149,9 @@ async def test_leaving_the_block_drains_everything_published(bus_url: str, clock
     assert bus.statistics().queued == 0
 
 
-async def test_unsettled_messages_go_to_the_groups_next_subscriber_in_key_order(bus_url: str, clock: object) -> None:
+async def test_unsettled_messages_go_to_the_groups_next_subscriber_in_key_order(
+    bus_url: str, clock: object
+) -> None:
     retry = keyedbus.RetryPolicy(max_attempts=5, initial_backoff=30.0, max_backoff=30.0, jitter=0)
     first_seen: list[tuple[str, int]] = []
     second_seen: list[tuple[str, int, int]] = []
@@ -186,7 +192,9 @@ async def test_unsettled_messages_go_to_the_groups_next_subscriber_in_key_order(
     assert next(a for k, s, a in second_seen if (k, s) == ("k1", 0)) > 1
 
 
-async def test_dead_letter_carries_key_headers_and_reason_then_the_key_moves_on(bus_url: str, clock: object) -> None:
+async def test_dead_letter_carries_key_headers_and_reason_then_the_key_moves_on(
+    bus_url: str, clock: object
+) -> None:
     retry = keyedbus.RetryPolicy(max_attempts=2, initial_backoff=0.5, jitter=0)
     dead: list[keyedbus.Message] = []
     handled: list[bytes] = []
@@ -216,7 +224,9 @@ async def test_dead_letter_carries_key_headers_and_reason_then_the_key_moves_on(
     assert bus.statistics().dead_lettered == 1
 
 
-async def test_malformed_envelope_is_dead_lettered_and_the_bus_keeps_running(bus_url: str, clock: object) -> None:
+async def test_malformed_envelope_is_dead_lettered_and_the_bus_keeps_running(
+    bus_url: str, clock: object
+) -> None:
     got: list[keyedbus.Envelope] = []
     dead: list[keyedbus.Message] = []
 
@@ -230,11 +240,14 @@ async def test_malformed_envelope_is_dead_lettered_and_the_bus_keeps_running(bus
         async with keyedbus.open_bus(bus_url) as bus:
             await bus.subscribe_envelope("orders", on_event, dead_letter="orders.bad")
             await bus.subscribe("orders.bad", on_dead)
-            bad = (b'{"aggregate_id":"order 1","event_type":"Placed","event_version":1,'
-                   b'"timestamp":"2025-10-13T00:00:00Z","payload":{}}')
+            bad = (
+                b'{"aggregate_id":"order 1","event_type":"Placed","event_version":1,'
+                b'"timestamp":"2025-10-13T00:00:00Z","payload":{}}'
+            )
             await bus.publish("orders", bad, key="order-1")
             await bus.publish_envelope(
-                "orders", keyedbus.Envelope(aggregate_id="order-1", event_type="Placed", event_version=1))
+                "orders", keyedbus.Envelope(aggregate_id="order-1", event_type="Placed", event_version=1)
+            )
     assert [e.event_type for e in got] == ["Placed"]
     [letter] = dead
     assert "aggregate_id has a space" in letter.headers["Keyedbus-Error"]
@@ -247,6 +260,7 @@ async def test_each_group_gets_every_message(bus_url: str, clock: object) -> Non
     def make(group: str) -> keyedbus._bus.Handler[keyedbus.Message]:
         async def handler(msg: keyedbus.Message) -> None:
             seen[group].append(msg.data)
+
         return handler
 
     with trio.fail_after(30):
@@ -261,6 +275,7 @@ async def test_each_group_gets_every_message(bus_url: str, clock: object) -> Non
 
 async def test_keyless_messages_run_concurrently_up_to_the_worker_count(bus_url: str, clock: object) -> None:
     release = trio.Event()
+    four_running = trio.Event()
     running = 0
     peak = 0
 
@@ -268,6 +283,8 @@ async def test_keyless_messages_run_concurrently_up_to_the_worker_count(bus_url:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
+        if running == 4:
+            four_running.set()
         await release.wait()
         running -= 1
 
@@ -276,8 +293,7 @@ async def test_keyless_messages_run_concurrently_up_to_the_worker_count(bus_url:
             await bus.subscribe("audit", handler)
             for i in range(10):
                 await bus.publish("audit", str(i).encode())
-            while running < 4:
-                await trio.sleep(0.001)
+            await four_running.wait()
             await trio.testing.wait_all_tasks_blocked()
             assert running == 4
             release.set()

@@ -30,7 +30,7 @@ def _instant(text: str) -> dt.datetime:
     head, _, rest = text.partition(".")
     if rest:
         digits = re.match(r"\d*", rest).group()  # type: ignore[union-attr]
-        zone = rest[len(digits):]
+        zone = rest[len(digits) :]
         head = f"{head}.{digits[:6].ljust(6, '0')}{zone}"
     return dt.datetime.fromisoformat(head.replace("Z", "+00:00"))
 
@@ -98,7 +98,10 @@ def test_construction_defaults() -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"aggregate_id": ""}, r"^aggregate_id empty; use 1\.\.256 characters of A-Z a-z 0-9 : _ - \. /, e\.g\. 'order-123'$"),
+        (
+            {"aggregate_id": ""},
+            r"^aggregate_id empty; use 1\.\.256 characters of A-Z a-z 0-9 : _ - \. /, e\.g\. 'order-123'$",
+        ),
         ({"aggregate_id": "a b"}, r"^aggregate_id has a space; .*$"),
         ({"aggregate_id": "a" * 257}, r"^aggregate_id too long \(257\); .*$"),
         ({"aggregate_id": "a!"}, r"^aggregate_id has an invalid character '!'; .*$"),
@@ -111,7 +114,7 @@ def test_construction_defaults() -> None:
         ({"tenant_id": -1}, r"^tenant_id invalid \(-1\); use an int >= 0 \(0 means no tenant\)$"),
         ({"payload": {1, 2}}, r"^payload not JSON \(set is not a JSON value\); .*$"),
         ({"payload": float("nan")}, r"^payload not JSON .*$"),
-        ({"timestamp": dt.datetime(2025, 1, 1)}, r"^timestamp has no time zone; .*$"),  # noqa: DTZ001
+        ({"timestamp": dt.datetime(2025, 1, 1)}, r"^timestamp has no time zone; .*$"),
     ],
 )
 def test_invalid_construction(fields: dict[str, Any], message: str) -> None:
@@ -122,8 +125,12 @@ def test_invalid_construction(fields: dict[str, Any], message: str) -> None:
 
 @pytest.mark.parametrize(
     ("fields", "error"),
-    [({"aggregate_id": 5}, keyedbus.ArgumentTypeError), ({"event_type": None}, keyedbus.ArgumentTypeError),
-     ({"timestamp": "2025-01-01"}, keyedbus.ArgumentTypeError), ({"trace_id": 1}, keyedbus.ArgumentTypeError)],
+    [
+        ({"aggregate_id": 5}, keyedbus.ArgumentTypeError),
+        ({"event_type": None}, keyedbus.ArgumentTypeError),
+        ({"timestamp": "2025-01-01"}, keyedbus.ArgumentTypeError),
+        ({"trace_id": 1}, keyedbus.ArgumentTypeError),
+    ],
 )
 def test_wrong_types_are_type_errors(fields: dict[str, Any], error: type[Exception]) -> None:
     base: dict[str, Any] = {"aggregate_id": "k", "event_type": "T", "event_version": 1}
@@ -143,5 +150,8 @@ def test_decode_refuses_str() -> None:
 
 
 def test_nanoseconds_truncate_to_microseconds() -> None:
-    raw = b'{"aggregate_id":"k","event_type":"T","event_version":1,"timestamp":"2025-10-13T00:00:00.999999999Z","payload":1}'
+    raw = (
+        b'{"aggregate_id":"k","event_type":"T","event_version":1,'
+        b'"timestamp":"2025-10-13T00:00:00.999999999Z","payload":1}'
+    )
     assert keyedbus.Envelope.decode(raw).timestamp.microsecond == 999999

@@ -25,7 +25,6 @@ from ._errors import (
     InvalidHandlerError,
     InvalidHeaderError,
     InvalidTopicError,
-    KeyedBusError,
 )
 from ._messages import (
     KEY_HEADER,
@@ -88,9 +87,10 @@ def _check_handler(handler: object) -> None:
         raise InvalidHandlerError(
             f"handler must be an async function taking one message, got {type(handler).__name__} {handler!r}"
         )
-    target = handler if inspect.isfunction(handler) or inspect.ismethod(handler) else None
+    # An object with an `async def __call__` is as good as an async function.
+    call = getattr(type(handler), "__call__", None)  # noqa: B004 - we need the method, not callable()
     is_async = inspect.iscoroutinefunction(handler) or (
-        target is None and inspect.iscoroutinefunction(getattr(type(handler), "__call__", None))
+        not inspect.isroutine(handler) and inspect.iscoroutinefunction(call)
     )
     if not is_async:
         name = getattr(handler, "__qualname__", repr(handler))
@@ -119,12 +119,23 @@ def _header_text(text: str) -> str:
 class _Consumer(Generic[T]):
     """One subscription as the pool and the backend see it: builds pool items and runs the handler."""
 
-    def __init__(self, bus: Bus, topic: str, group: str, handler: Handler[T], *, retry: RetryPolicy,
-                 dead_letter: str, key_fn: KeyFunction | None, envelope: bool, ephemeral: bool) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        topic: str,
+        group: str,
+        handler: Handler[T],
+        *,
+        retry: RetryPolicy,
+        dead_letter: str,
+        key_fn: KeyFunction | None,
+        envelope: bool,
+        ephemeral: bool,
+    ) -> None:
         self.bus = bus
         self.topic = topic
         self.group = group
-        self.handler = handler
+        self.handler: Handler[T] = handler
         self.retry = retry
         self.dead_letter_topic = dead_letter
         self.key_fn = key_fn
@@ -150,8 +161,13 @@ class _Consumer(Generic[T]):
 
     def dropped(self, count: int, why: str) -> None:
         self.bus._counters.dropped += count
-        logger.warning("dropped %d message(s) of ephemeral topic %s: %s", count, self.topic, why,
-                       extra={"topic": self.topic})
+        logger.warning(
+            "dropped %d message(s) of ephemeral topic %s: %s",
+            count,
+            self.topic,
+            why,
+            extra={"topic": self.topic},
+        )
 
     def _item(self, delivery: Delivery) -> AggregateMessage:
         message = delivery.message
@@ -161,10 +177,14 @@ class _Consumer(Generic[T]):
         if self.key_fn is not None:
             try:
                 key = self.key_fn(message)
-                if key is not None and not isinstance(key, str):
-                    raise ArgumentTypeError(f"key function returned {type(key).__name__}, expected str or None")
             except Exception as exc:
                 key, reason = message.key, f"key function failed: {type(exc).__name__}: {exc}"
+            else:
+                if key is not None and not isinstance(key, str):
+                    key, reason = (
+                        message.key,
+                        f"key function returned {type(key).__name__}, expected str or None",
+                    )
         if self.envelope and reason is None:
             try:
                 envelope = Envelope.decode(message.data)
@@ -174,7 +194,9 @@ class _Consumer(Generic[T]):
                 value = envelope
                 if self.key_fn is None:
                     key = envelope.aggregate_id
-        return AggregateMessage(key, delivery, self, value, attempt=message.attempt, dead_letter_reason=reason)
+        return AggregateMessage(
+            key, delivery, self, value, attempt=message.attempt, dead_letter_reason=reason
+        )
 
     # -- Consumer (for the pool) ----------------------------------------------------------------------
 
@@ -194,10 +216,20 @@ class _Consumer(Generic[T]):
             headers[KEY_HEADER] = item.key
         message_id = f"{original.message_id}.dead-letter" if original.message_id else new_message_id()
         await self.bus._publish_internal(self.dead_letter_topic, original.data, headers, message_id)
-        logger.error("dead-lettered a message of %s (key %s) to %s after %d attempt(s): %s",
-                     self.topic, item.key, self.dead_letter_topic, item.attempt, reason,
-                     extra={"topic": self.topic, "key": item.key, "attempt": item.attempt,
-                            "message_id": original.message_id})
+        logger.error(
+            "dead-lettered a message of %s (key %s) to %s after %d attempt(s): %s",
+            self.topic,
+            item.key,
+            self.dead_letter_topic,
+            item.attempt,
+            reason,
+            extra={
+                "topic": self.topic,
+                "key": item.key,
+                "attempt": item.attempt,
+                "message_id": original.message_id,
+            },
+        )
 
     def started(self) -> None:
         self.running += 1
@@ -257,8 +289,16 @@ class Subscription:
 class Bus:
     """An open event bus: publish, subscribe, statistics. Only `open_bus` creates one."""
 
-    def __init__(self, _backend: Backend, _pool: KeyedWorkerPool, _counters: Counters, *,
-                 url: str, retry: RetryPolicy, default_topic: TopicConfig) -> None:
+    def __init__(
+        self,
+        _backend: Backend,
+        _pool: KeyedWorkerPool,
+        _counters: Counters,
+        *,
+        url: str,
+        retry: RetryPolicy,
+        default_topic: TopicConfig,
+    ) -> None:
         self._backend = _backend
         self._pool = _pool
         self._counters = _counters
@@ -276,7 +316,8 @@ class Bus:
     def _check_open(self, *, subscribing: bool = False) -> None:
         if self._closed or (subscribing and self._closing):
             raise BusClosedError(
-                f"the bus for {self._url} is closed: publish and subscribe inside its 'async with open_bus()' block"
+                f"the bus for {self._url} is closed: publish and subscribe inside its "
+                "'async with open_bus()' block"
             )
 
     def _topic_config(self, topic: str) -> TopicConfig:
@@ -298,8 +339,9 @@ class Bus:
 
     # -- publishing ------------------------------------------------------------------------------------
 
-    def _prepare(self, topic: str, data: object, key: object, headers: object, message_id: object
-                 ) -> tuple[bytes, dict[str, str], str]:
+    def _prepare(
+        self, topic: str, data: object, key: object, headers: object, message_id: object
+    ) -> tuple[bytes, dict[str, str], str]:
         check_topic(topic)
         payload = check_data(data)
         wire_headers = check_headers(headers)
@@ -318,8 +360,15 @@ class Bus:
         self._check_open()
         return payload, wire_headers, message_id
 
-    async def publish(self, topic: str, data: bytes, *, key: str | None = None,
-                      headers: Mapping[str, str] | None = None, message_id: str | None = None) -> None:
+    async def publish(
+        self,
+        topic: str,
+        data: bytes,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        message_id: str | None = None,
+    ) -> None:
         """Publish raw bytes; messages with the same `key` are handled in publish order.
 
         Returns once the broker has stored the message (persistent topics) or sent it (ephemeral). A message
@@ -331,14 +380,22 @@ class Bus:
         payload, wire_headers, mid = self._prepare(topic, data, key, headers, message_id)
         await self._backend.publish(topic, self._topic_config(topic), payload, wire_headers, mid)
 
-    def publish_nowait(self, topic: str, data: bytes, *, key: str | None = None,
-                       headers: Mapping[str, str] | None = None, message_id: str | None = None) -> None:
+    def publish_nowait(
+        self,
+        topic: str,
+        data: bytes,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        message_id: str | None = None,
+    ) -> None:
         """Like `publish`, but raise trio.WouldBlock instead of waiting when the topic is full."""
         payload, wire_headers, mid = self._prepare(topic, data, key, headers, message_id)
         self._backend.publish_nowait(topic, self._topic_config(topic), payload, wire_headers, mid)
 
-    async def publish_envelope(self, topic: str, envelope: Envelope, *,
-                               headers: Mapping[str, str] | None = None) -> None:
+    async def publish_envelope(
+        self, topic: str, envelope: Envelope, *, headers: Mapping[str, str] | None = None
+    ) -> None:
         """Publish an Envelope as the Go system's JSON, keyed by its aggregate_id, deduplicated by event_id.
 
         Same waiting, errors and cancellation as `publish`.
@@ -348,10 +405,17 @@ class Bus:
                 f"publish_envelope takes a keyedbus.Envelope, got {type(envelope).__name__}; "
                 "use publish() for raw bytes"
             )
-        await self.publish(topic, envelope.encode(), key=envelope.aggregate_id, headers=headers,
-                           message_id=envelope.event_id or None)
+        await self.publish(
+            topic,
+            envelope.encode(),
+            key=envelope.aggregate_id,
+            headers=headers,
+            message_id=envelope.event_id or None,
+        )
 
-    async def _publish_internal(self, topic: str, data: bytes, headers: dict[str, str], message_id: str) -> None:
+    async def _publish_internal(
+        self, topic: str, data: bytes, headers: dict[str, str], message_id: str
+    ) -> None:
         """Publish for the bus itself (dead letters): allowed while draining."""
         if self._closed:
             raise BusClosedError("the bus is closed")
@@ -359,9 +423,16 @@ class Bus:
 
     # -- subscribing -----------------------------------------------------------------------------------
 
-    async def subscribe(self, topic: str, handler: Callable[[Message], Awaitable[None]], *,
-                        group: str | None = None, retry: RetryPolicy | None = None,
-                        dead_letter: str | None = None, key: KeyFunction | None = None) -> Subscription:
+    async def subscribe(
+        self,
+        topic: str,
+        handler: Callable[[Message], Awaitable[None]],
+        *,
+        group: str | None = None,
+        retry: RetryPolicy | None = None,
+        dead_letter: str | None = None,
+        key: KeyFunction | None = None,
+    ) -> Subscription:
         """Deliver every message of `topic` to `handler` (an async function taking one Message).
 
         Messages with the same key run one after another in publish order; different keys run concurrently.
@@ -372,29 +443,52 @@ class Bus:
         InvalidHandlerError for a sync or non-callable handler, DuplicateSubscriptionError if this bus already
         subscribes to (topic, group), InvalidTopicError for a bad name.
         """
-        return await self._subscribe(topic, handler, envelope=False, group=group, retry=retry,
-                                     dead_letter=dead_letter, key=key)
+        return await self._subscribe(
+            topic, handler, envelope=False, group=group, retry=retry, dead_letter=dead_letter, key=key
+        )
 
-    async def subscribe_envelope(self, topic: str, handler: Callable[[Envelope], Awaitable[None]], *,
-                                 group: str | None = None, retry: RetryPolicy | None = None,
-                                 dead_letter: str | None = None, key: KeyFunction | None = None
-                                 ) -> Subscription:
+    async def subscribe_envelope(
+        self,
+        topic: str,
+        handler: Callable[[Envelope], Awaitable[None]],
+        *,
+        group: str | None = None,
+        retry: RetryPolicy | None = None,
+        dead_letter: str | None = None,
+        key: KeyFunction | None = None,
+    ) -> Subscription:
         """Like `subscribe`, but the handler receives a decoded Envelope, ordered by its aggregate_id.
 
         Bytes that do not decode as an envelope are dead-lettered at once with the reason in the
         ``Keyedbus-Error`` header; the subscription keeps running.
         """
-        return await self._subscribe(topic, handler, envelope=True, group=group, retry=retry,
-                                     dead_letter=dead_letter, key=key)
+        return await self._subscribe(
+            topic, handler, envelope=True, group=group, retry=retry, dead_letter=dead_letter, key=key
+        )
 
-    async def _subscribe(self, topic: str, handler: Any, *, envelope: bool, group: object, retry: object,
-                         dead_letter: object, key: object) -> Subscription:
+    async def _subscribe(
+        self,
+        topic: str,
+        handler: Any,
+        *,
+        envelope: bool,
+        group: object,
+        retry: object,
+        dead_letter: object,
+        key: Any,
+    ) -> Subscription:
         check_topic(topic)
         _check_handler(handler)
         group_name = _group_name(group)
         if retry is not None and not isinstance(retry, RetryPolicy):
-            raise ArgumentTypeError(f"retry must be a keyedbus.RetryPolicy or None, got {type(retry).__name__}")
-        dlq = f"{topic}.dead-letter" if dead_letter is None else check_topic(dead_letter, what="dead_letter topic")
+            raise ArgumentTypeError(
+                f"retry must be a keyedbus.RetryPolicy or None, got {type(retry).__name__}"
+            )
+        dlq = (
+            f"{topic}.dead-letter"
+            if dead_letter is None
+            else check_topic(dead_letter, what="dead_letter topic")
+        )
         if dlq == topic:
             raise InvalidTopicError(f"dead_letter topic {dlq!r} is the subscribed topic: pick another one")
         if key is not None and not callable(key):
@@ -410,9 +504,15 @@ class Bus:
         try:
             config = self._topic_config(topic)
             consumer: _Consumer[Any] = _Consumer(
-                self, topic, group_name, handler, retry=retry or self._retry, dead_letter=dlq,
-                key_fn=key,  # type: ignore[arg-type]
-                envelope=envelope, ephemeral=not config.persistent,
+                self,
+                topic,
+                group_name,
+                handler,
+                retry=retry or self._retry,
+                dead_letter=dlq,
+                key_fn=key,
+                envelope=envelope,
+                ephemeral=not config.persistent,
             )
             backend_sub = await self._backend.subscribe(topic, config, group_name, consumer)
         except BaseException:
@@ -458,7 +558,9 @@ class Bus:
         if scope.cancelled_caught:
             logger.warning(
                 "drain_timeout (%s s) passed with %d message(s) unfinished; they stay unacked "
-                "(redelivered later on persistent topics)", drain_timeout, self._pool.unfinished,
+                "(redelivered later on persistent topics)",
+                drain_timeout,
+                self._pool.unfinished,
             )
 
 
@@ -471,7 +573,9 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 def _check_url(url: object) -> str:
     if not isinstance(url, str):
-        raise ArgumentTypeError(f"url must be a str such as 'memory://' or 'nats://127.0.0.1:4222', got {url!r}")
+        raise ArgumentTypeError(
+            f"url must be a str such as 'memory://' or 'nats://127.0.0.1:4222', got {url!r}"
+        )
     scheme = urlsplit(url).scheme if "://" in url else ""
     if scheme not in ("memory", "nats", "tls"):
         raise InvalidConfigError(
@@ -506,11 +610,15 @@ async def open_bus(
     if not isinstance(retry, RetryPolicy):
         raise ArgumentTypeError(f"retry must be a keyedbus.RetryPolicy, got {type(retry).__name__}")
     if not isinstance(default_topic, TopicConfig):
-        raise ArgumentTypeError(f"default_topic must be a keyedbus.TopicConfig, got {type(default_topic).__name__}")
+        raise ArgumentTypeError(
+            f"default_topic must be a keyedbus.TopicConfig, got {type(default_topic).__name__}"
+        )
     if isinstance(drain_timeout, bool) or not isinstance(drain_timeout, (int, float)) or drain_timeout < 0:
         raise InvalidConfigError(f"drain_timeout must be a number of seconds >= 0, got {drain_timeout!r}")
     if scheme != "memory":
-        raise InvalidConfigError(f"{scheme}:// URLs need the NATS backend, which this version does not have yet")
+        raise InvalidConfigError(
+            f"{scheme}:// URLs need the NATS backend, which this version does not have yet"
+        )
     counters = Counters()
     bus: Bus | None = None
     try:
@@ -524,7 +632,9 @@ async def open_bus(
             except BaseException:
                 unfinished = worker_pool.unfinished
                 if unfinished:
-                    logger.warning("bus cancelled with %d message(s) unfinished; they stay unacked", unfinished)
+                    logger.warning(
+                        "bus cancelled with %d message(s) unfinished; they stay unacked", unfinished
+                    )
                 nursery.cancel_scope.cancel()
                 raise
             await bus._drain(drain_timeout)
@@ -541,5 +651,3 @@ async def open_bus(
     finally:
         if bus is not None:
             bus._closed = True
-
-

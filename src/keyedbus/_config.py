@@ -28,7 +28,9 @@ def _number(*, minimum: float, inclusive: bool = True, optional: bool = False) -
         if not ok or not math.isfinite(value):
             bound = f">= {minimum}" if inclusive else f"> {minimum}"
             none = " (or None for no limit)" if optional else ""
-            raise InvalidConfigError(f"{owner}.{attribute.name} must be finite and {bound}{none}, got {value!r}")
+            raise InvalidConfigError(
+                f"{owner}.{attribute.name} must be finite and {bound}{none}, got {value!r}"
+            )
 
     return check
 
@@ -41,7 +43,9 @@ def _integer(*, minimum: int, optional: bool = False) -> Any:
         if value is None and optional:
             return
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ArgumentTypeError(f"{owner}.{attribute.name} must be an int, got {type(value).__name__} {value!r}")
+            raise ArgumentTypeError(
+                f"{owner}.{attribute.name} must be an int, got {type(value).__name__} {value!r}"
+            )
         if value < minimum:
             none = " (or None for no limit)" if optional else ""
             raise InvalidConfigError(f"{owner}.{attribute.name} must be >= {minimum}{none}, got {value!r}")
@@ -121,7 +125,9 @@ class TopicConfig:
     #: "persistent": stored, acked, redelivered; "ephemeral": fan-out with no log, at-most-once.
     persistence: Literal["persistent", "ephemeral"] = attrs.field(default="persistent")
     #: Seconds a stored message is kept at most; None: no age limit.
-    max_age: float | None = attrs.field(default=None, validator=_number(minimum=0, inclusive=False, optional=True))
+    max_age: float | None = attrs.field(
+        default=None, validator=_number(minimum=0, inclusive=False, optional=True)
+    )
     #: Bytes of message data the topic keeps at most; None: backend default.
     max_bytes: int | None = attrs.field(default=None, validator=_integer(minimum=1, optional=True))
     #: Messages the topic keeps at most; None: backend default.
@@ -132,7 +138,9 @@ class TopicConfig:
     @persistence.validator
     def _check_persistence(self, attribute: attrs.Attribute[str], value: object) -> None:
         if value not in _PERSISTENCE:
-            raise InvalidConfigError(f"TopicConfig.persistence must be 'persistent' or 'ephemeral', got {value!r}")
+            raise InvalidConfigError(
+                f"TopicConfig.persistence must be 'persistent' or 'ephemeral', got {value!r}"
+            )
 
     @property
     def persistent(self) -> bool:

@@ -71,7 +71,7 @@ def _key_problem(key: str) -> str | None:
 
 
 def check_key(key: object, *, what: str = "key") -> str:
-    """Return `key` if it is a valid aggregate id, else raise InvalidKeyError (ArgumentTypeError if not str)."""
+    """Return `key` if it is a valid aggregate id, else raise InvalidKeyError (or ArgumentTypeError)."""
     if not isinstance(key, str):
         raise ArgumentTypeError(f"{what} must be a str or None, got {type(key).__name__} {key!r}")
     problem = _key_problem(key)
@@ -247,7 +247,9 @@ class Envelope:
         if not isinstance(self.timestamp, _dt.datetime):
             raise ArgumentTypeError(f"timestamp must be a datetime, got {type(self.timestamp).__name__}")
         if self.timestamp.utcoffset() is None:
-            raise _fail("timestamp has no time zone", "use an aware datetime, e.g. datetime.now(timezone.utc)")
+            raise _fail(
+                "timestamp has no time zone", "use an aware datetime, e.g. datetime.now(timezone.utc)"
+            )
         for name in ("trace_id", "correlation_id", "event_id"):
             if not isinstance(getattr(self, name), str):
                 raise ArgumentTypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
@@ -256,10 +258,16 @@ class Envelope:
             raise _fail(f"tenant_id invalid ({tenant!r})", "use an int >= 0 (0 means no tenant)")
         try:
             text = json.dumps(
-                self.payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_default
+                self.payload,
+                ensure_ascii=False,
+                allow_nan=False,
+                separators=(",", ":"),
+                default=_json_default,
             )
         except (TypeError, ValueError) as exc:
-            raise _fail(f"payload not JSON ({exc})", "use dicts, lists, str, int, float, bool and None") from None
+            raise _fail(
+                f"payload not JSON ({exc})", "use dicts, lists, str, int, float, bool and None"
+            ) from None
         object.__setattr__(self, "_payload_json", text)
 
     def encode(self) -> bytes:
@@ -282,7 +290,7 @@ class Envelope:
 
     @classmethod
     def decode(cls, data: bytes) -> Envelope:
-        """Parse the Go system's JSON envelope; raise InvalidEnvelopeError whose `reason` names the broken rule."""
+        """Parse the Go system's JSON envelope; raise InvalidEnvelopeError naming the broken rule."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ArgumentTypeError(f"Envelope.decode takes bytes, got {type(data).__name__}")
         try:

@@ -223,8 +223,9 @@ class KeyedWorkerPool:
                     self.counters.parked_keys += 1
                     heapq.heappush(timers, (due, next(self._tick), pkey))
 
-    async def _resume(self, parked: dict[Hashable, _Parked], timers: list[tuple[float, int, Hashable]],
-                      pkey: Hashable) -> None:
+    async def _resume(
+        self, parked: dict[Hashable, _Parked], timers: list[tuple[float, int, Hashable]], pkey: Hashable
+    ) -> None:
         """Retry a parked key's head message, then run its later messages in order until one fails again."""
         waiting = parked[pkey]
         while waiting.items:
@@ -258,7 +259,8 @@ class KeyedWorkerPool:
         """Run `item` once and settle it; return the seconds to wait before a retry, or None when done."""
         consumer: Consumer = item.consumer
         if not consumer.active:
-            return self._release(item)
+            self._release(item)
+            return None
         if item.dead_letter_reason is not None:
             return await self._dead_letter(item, item.dead_letter_reason)
         counters = self.counters
@@ -275,7 +277,8 @@ class KeyedWorkerPool:
             self._settled()
             return None
         if not consumer.active:
-            return self._release(item)
+            self._release(item)
+            return None
         policy = consumer.retry
         if item.attempt >= policy.max_attempts:
             return await self._dead_letter(item, failure)
@@ -283,9 +286,18 @@ class KeyedWorkerPool:
         delay = policy.backoff(item.attempt)
         logger.warning(
             "handler failed on %s (key %s, attempt %d of %d), retrying in %.3f s: %s",
-            consumer.topic, item.key, item.attempt, policy.max_attempts, delay, failure,
-            extra={"topic": consumer.topic, "key": item.key, "attempt": item.attempt,
-                   "message_id": item.delivery.message.message_id},
+            consumer.topic,
+            item.key,
+            item.attempt,
+            policy.max_attempts,
+            delay,
+            failure,
+            extra={
+                "topic": consumer.topic,
+                "key": item.key,
+                "attempt": item.attempt,
+                "message_id": item.delivery.message.message_id,
+            },
         )
         item.attempt += 1
         return delay
@@ -300,8 +312,10 @@ class KeyedWorkerPool:
             with trio.move_on_after(timeout) as scope:
                 await consumer.handle(item)
             if scope.cancelled_caught:
-                return (f"HandlerTimeoutError: handler ran longer than {timeout} s "
-                        "(PoolConfig.handler_timeout) and was cancelled")
+                return (
+                    f"HandlerTimeoutError: handler ran longer than {timeout} s "
+                    "(PoolConfig.handler_timeout) and was cancelled"
+                )
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
         return None
@@ -314,9 +328,14 @@ class KeyedWorkerPool:
             # Never drop it: keep the key parked and try the dead-letter publish again later.
             item.dead_letter_reason = reason
             delay = consumer.retry.max_backoff or 1.0
-            logger.error("could not dead-letter a message of %s (key %s), trying again in %.1f s: %s",
-                         consumer.topic, item.key, delay, exc,
-                         extra={"topic": consumer.topic, "key": item.key, "attempt": item.attempt})
+            logger.error(  # noqa: TRY400 - the reason is in the message; no traceback wanted
+                "could not dead-letter a message of %s (key %s), trying again in %.1f s: %s",
+                consumer.topic,
+                item.key,
+                delay,
+                exc,
+                extra={"topic": consumer.topic, "key": item.key, "attempt": item.attempt},
+            )
             return delay
         item.delivery.term()
         self.counters.dead_lettered += 1
@@ -326,4 +345,3 @@ class KeyedWorkerPool:
     def _release(self, item: AggregateMessage) -> None:
         item.delivery.release()
         self._settled()
-        return None

@@ -49,7 +49,7 @@ class BackendSubscription(Protocol):
         """Stop delivering; after it returns the inbox is called no more."""
 
     async def detach(self) -> None:
-        """After `stop` and once no handler of it runs: leave what is unsettled to the group's next subscriber."""
+        """Once stopped and idle: leave what is unsettled to the group's next subscriber."""
 
 
 class Backend(Protocol):
@@ -63,20 +63,23 @@ class Backend(Protocol):
     async def configure_topic(self, topic: str, config: TopicConfig) -> None:
         """Create or update how `topic` is stored."""
 
-    async def publish(self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str],
-                      message_id: str) -> None:
+    async def publish(
+        self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str], message_id: str
+    ) -> None:
         """Store (persistent) or send (ephemeral) one message; returns once the broker has it.
 
         `config` is the topic's configuration, used to create the topic on first use.
         """
 
-    def publish_nowait(self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str],
-                       message_id: str) -> None:
+    def publish_nowait(
+        self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str], message_id: str
+    ) -> None:
         """Like publish, but raise trio.WouldBlock instead of waiting for room."""
 
-    async def subscribe(self, topic: str, config: TopicConfig, group: str, inbox: Inbox
-                        ) -> BackendSubscription:
-        """Start delivering `topic` to `inbox` for `group`; returns once a message published after it is seen."""
+    async def subscribe(
+        self, topic: str, config: TopicConfig, group: str, inbox: Inbox
+    ) -> BackendSubscription:
+        """Deliver `topic` to `inbox` for `group`; returns once later publishes will be seen."""
 
     def settled(self) -> bool:
         """True when every message on a subscribed topic has been delivered and settled (drain helper)."""

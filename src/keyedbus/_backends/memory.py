@@ -275,8 +275,9 @@ class MemoryBackend:
             self._topic(topic, config)
         await trio.lowlevel.checkpoint()
 
-    async def publish(self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str],
-                      message_id: str) -> None:
+    async def publish(
+        self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str], message_id: str
+    ) -> None:
         t = self._topic(topic, config)
         if t.config.persistent:
             while t.full(len(data)):
@@ -285,8 +286,9 @@ class MemoryBackend:
             await trio.lowlevel.checkpoint()
         self._publish_now(t, data, headers, message_id)
 
-    def publish_nowait(self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str],
-                       message_id: str) -> None:
+    def publish_nowait(
+        self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str], message_id: str
+    ) -> None:
         t = self._topic(topic, config)
         if t.config.persistent and t.full(len(data)):
             raise trio.WouldBlock
@@ -295,8 +297,14 @@ class MemoryBackend:
     def _publish_now(self, t: _Topic, data: bytes, headers: dict[str, str], message_id: str) -> None:
         now = trio.current_time()
         if not t.config.persistent:
-            message = Message(topic=t.name, data=data, key=headers.get(KEY_HEADER), headers=headers,
-                              attempt=1, message_id=message_id)
+            message = Message(
+                topic=t.name,
+                data=data,
+                key=headers.get(KEY_HEADER),
+                headers=headers,
+                attempt=1,
+                message_id=message_id,
+            )
             for sub in t.ephemeral_subs:
                 try:
                     sub.send.send_nowait(message)
@@ -309,8 +317,9 @@ class MemoryBackend:
             return
         t.append(data, headers, message_id, now)
 
-    async def subscribe(self, topic: str, config: TopicConfig, group: str, inbox: Inbox
-                        ) -> _PersistentSubscription | _EphemeralSubscription:
+    async def subscribe(
+        self, topic: str, config: TopicConfig, group: str, inbox: Inbox
+    ) -> _PersistentSubscription | _EphemeralSubscription:
         t = self._topic(topic, config)
         if not t.config.persistent:
             sub = _EphemeralSubscription(t, inbox, self._buffer_size)
@@ -326,8 +335,15 @@ class MemoryBackend:
         await self._nursery.start(self._persistent_reader, g, inbox, scope, stopped)
         return _PersistentSubscription(g, scope, stopped)
 
-    async def _persistent_reader(self, group: _Group, inbox: Inbox, scope: trio.CancelScope,
-                                 stopped: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
+    async def _persistent_reader(
+        self,
+        group: _Group,
+        inbox: Inbox,
+        scope: trio.CancelScope,
+        stopped: trio.Event,
+        *,
+        task_status: trio.TaskStatus[None],
+    ) -> None:
         try:
             with scope:
                 task_status.started()
@@ -341,8 +357,9 @@ class MemoryBackend:
         finally:
             stopped.set()
 
-    async def _ephemeral_reader(self, sub: _EphemeralSubscription, *, task_status: trio.TaskStatus[None]
-                                ) -> None:
+    async def _ephemeral_reader(
+        self, sub: _EphemeralSubscription, *, task_status: trio.TaskStatus[None]
+    ) -> None:
         try:
             with sub.scope:
                 task_status.started()
@@ -370,4 +387,3 @@ class MemoryBackend:
         while not self.settled():
             await self._changed.park()
         await trio.lowlevel.checkpoint()
-

@@ -1,0 +1,49 @@
+"""Sessions: tests (every installed CPython 3.10-3.13), lint, typecheck, examples, bench."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck", "examples"]
+nox.options.reuse_existing_virtualenvs = True
+
+# pyenv keeps interpreters in per-version folders whose python3.X shims fail unless that folder is on
+# PATH; put the real folders on PATH so nox finds them, and only offer versions that are really there.
+for folder in sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[0-3].*/bin"))):
+    os.environ["PATH"] = folder + os.pathsep + os.environ["PATH"]
+PYTHONS = [v for v in ("3.10", "3.11", "3.12", "3.13") if shutil.which(f"python{v}")]
+DEFAULT = "3.11" if "3.11" in PYTHONS else PYTHONS[0]
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """Run the test suite (pass pytest options after --)."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session(python=DEFAULT)
+def lint(session: nox.Session) -> None:
+    """ruff check and format check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=DEFAULT)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package, tests and examples."""
+    session.install("-e", ".[test]", "mypy>=1.10")
+    session.run("mypy", "--strict")
+
+
+@nox.session(python=DEFAULT)
+def examples(session: nox.Session) -> None:
+    """Run every example against the embedded broker."""
+    session.install("-e", ".")
+    for path in sorted(glob.glob("examples/*.py")):
+        session.run("python", path)
