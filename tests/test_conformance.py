@@ -8,11 +8,18 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
+import pytest
 import trio
 import trio.testing
 
 import keyedbus
 
+from .conftest import Backend
+
+NOT_DRAINED = (
+    "NATS backend gap (issue 4): leaving the block does not yet wait for messages it has not fetched, "
+    "and this test relies on that"
+)
 FAST_RETRY = keyedbus.RetryPolicy(max_attempts=10, initial_backoff=0.01, max_backoff=0.05, jitter=0)
 
 
@@ -39,7 +46,8 @@ class OrderChecker:
             self.done[key].append(seq)
 
 
-async def test_order_per_key_through_random_delays_and_failures(bus_url: str, clock: object) -> None:
+@pytest.mark.memory_only(NOT_DRAINED)
+async def test_order_per_key_through_random_delays_and_failures(backend: Backend, clock: object) -> None:
     rng = random.Random(1234)
     checker = OrderChecker()
     keys = [f"order-{i}" for i in range(20)]
@@ -59,7 +67,7 @@ async def test_order_per_key_through_random_delays_and_failures(bus_url: str, cl
             checker.end(msg.key, seq, ok)
 
     with trio.fail_after(60):
-        async with keyedbus.open_bus(bus_url, pool=keyedbus.PoolConfig(workers=8), retry=FAST_RETRY) as bus:
+        async with backend.open(pool=keyedbus.PoolConfig(workers=8), retry=FAST_RETRY) as bus:
             await bus.subscribe("orders", handler)
             for seq in range(per_key):
                 for key in keys:
@@ -72,7 +80,7 @@ async def test_order_per_key_through_random_delays_and_failures(bus_url: str, cl
     assert stats.dead_lettered == 0
 
 
-async def test_different_keys_run_concurrently_same_key_does_not(bus_url: str, clock: object) -> None:
+async def test_different_keys_run_concurrently_same_key_does_not(backend: Backend, clock: object) -> None:
     release = trio.Event()
     eight_running = trio.Event()
     running: list[str] = []
@@ -84,7 +92,7 @@ async def test_different_keys_run_concurrently_same_key_does_not(bus_url: str, c
         await release.wait()
 
     with trio.fail_after(30):
-        async with keyedbus.open_bus(bus_url, pool=keyedbus.PoolConfig(workers=16)) as bus:
+        async with backend.open(pool=keyedbus.PoolConfig(workers=16)) as bus:
             await bus.subscribe("orders", handler)
             for i in range(8):
                 await bus.publish("orders", f"k{i}-first".encode(), key=f"k{i}")
@@ -97,7 +105,8 @@ async def test_different_keys_run_concurrently_same_key_does_not(bus_url: str, c
     assert sorted(running) == sorted([f"k{i}-first" for i in range(8)] + [f"k{i}-second" for i in range(8)])
 
 
-async def test_a_poison_key_does_not_stall_other_keys_on_its_worker(bus_url: str, clock: object) -> None:
+@pytest.mark.memory_only("asserts exact virtual times; on real time the bound is not deterministic")
+async def test_a_poison_key_does_not_stall_other_keys_on_its_worker(backend: Backend, clock: object) -> None:
     retry = keyedbus.RetryPolicy(max_attempts=3, initial_backoff=1.0, max_backoff=1.0, jitter=0)
     healthy_done: list[float] = []
     poison_attempts: list[float] = []
@@ -117,7 +126,7 @@ async def test_a_poison_key_does_not_stall_other_keys_on_its_worker(bus_url: str
 
     with trio.fail_after(30):
         # One worker: every key shares the poison key's worker.
-        async with keyedbus.open_bus(bus_url, pool=keyedbus.PoolConfig(workers=1), retry=retry) as bus:
+        async with backend.open(pool=keyedbus.PoolConfig(workers=1), retry=retry) as bus:
             await bus.subscribe("orders", handler)
             await bus.subscribe("orders.dead-letter", on_dead)
             start = trio.current_time()
@@ -133,7 +142,8 @@ async def test_a_poison_key_does_not_stall_other_keys_on_its_worker(bus_url: str
     assert dead[0].headers["Keyedbus-Attempts"] == "3"
 
 
-async def test_leaving_the_block_drains_everything_published(bus_url: str, clock: object) -> None:
+@pytest.mark.memory_only(NOT_DRAINED)
+async def test_leaving_the_block_drains_everything_published(backend: Backend, clock: object) -> None:
     handled: list[int] = []
 
     async def handler(msg: keyedbus.Message) -> None:
@@ -141,7 +151,7 @@ async def test_leaving_the_block_drains_everything_published(bus_url: str, clock
         handled.append(int(msg.data))
 
     with trio.fail_after(60):
-        async with keyedbus.open_bus(bus_url, pool=keyedbus.PoolConfig(workers=4)) as bus:
+        async with backend.open(pool=keyedbus.PoolConfig(workers=4)) as bus:
             await bus.subscribe("orders", handler)
             for i in range(200):
                 await bus.publish("orders", str(i).encode(), key=f"k{i % 10}")
@@ -149,8 +159,12 @@ async def test_leaving_the_block_drains_everything_published(bus_url: str, clock
     assert bus.statistics().queued == 0
 
 
+@pytest.mark.memory_only(
+    "NATS backend gap (issue 4): unsettled messages return only after ack_wait (30 s); "
+    "core NATS never redelivers"
+)
 async def test_unsettled_messages_go_to_the_groups_next_subscriber_in_key_order(
-    bus_url: str, clock: object
+    backend: Backend, clock: object
 ) -> None:
     retry = keyedbus.RetryPolicy(max_attempts=5, initial_backoff=30.0, max_backoff=30.0, jitter=0)
     first_seen: list[tuple[str, int]] = []
@@ -172,7 +186,7 @@ async def test_unsettled_messages_go_to_the_groups_next_subscriber_in_key_order(
         second_seen.append((msg.key, int(msg.data), msg.attempt))
 
     with trio.fail_after(60):
-        async with keyedbus.open_bus(bus_url, pool=keyedbus.PoolConfig(workers=4), retry=retry) as bus:
+        async with backend.open(pool=keyedbus.PoolConfig(workers=4), retry=retry) as bus:
             sub = await bus.subscribe("orders", first, group="billing")
             for i in range(5):
                 await bus.publish("orders", str(i).encode(), key="k1")
@@ -192,8 +206,9 @@ async def test_unsettled_messages_go_to_the_groups_next_subscriber_in_key_order(
     assert next(a for k, s, a in second_seen if (k, s) == ("k1", 0)) > 1
 
 
+@pytest.mark.memory_only(NOT_DRAINED)
 async def test_dead_letter_carries_key_headers_and_reason_then_the_key_moves_on(
-    bus_url: str, clock: object
+    backend: Backend, clock: object
 ) -> None:
     retry = keyedbus.RetryPolicy(max_attempts=2, initial_backoff=0.5, jitter=0)
     dead: list[keyedbus.Message] = []
@@ -208,7 +223,7 @@ async def test_dead_letter_carries_key_headers_and_reason_then_the_key_moves_on(
         dead.append(msg)
 
     with trio.fail_after(30):
-        async with keyedbus.open_bus(bus_url, retry=retry) as bus:
+        async with backend.open(retry=retry) as bus:
             await bus.subscribe("orders", handler)
             await bus.subscribe("orders.dead-letter", on_dead)
             await bus.publish("orders", b"bad", key="k", headers={"Trace": "t-1"})
@@ -224,8 +239,9 @@ async def test_dead_letter_carries_key_headers_and_reason_then_the_key_moves_on(
     assert bus.statistics().dead_lettered == 1
 
 
+@pytest.mark.memory_only(NOT_DRAINED)
 async def test_malformed_envelope_is_dead_lettered_and_the_bus_keeps_running(
-    bus_url: str, clock: object
+    backend: Backend, clock: object
 ) -> None:
     got: list[keyedbus.Envelope] = []
     dead: list[keyedbus.Message] = []
@@ -237,7 +253,7 @@ async def test_malformed_envelope_is_dead_lettered_and_the_bus_keeps_running(
         dead.append(msg)
 
     with trio.fail_after(30):
-        async with keyedbus.open_bus(bus_url) as bus:
+        async with backend.open() as bus:
             await bus.subscribe_envelope("orders", on_event, dead_letter="orders.bad")
             await bus.subscribe("orders.bad", on_dead)
             bad = (
@@ -254,7 +270,8 @@ async def test_malformed_envelope_is_dead_lettered_and_the_bus_keeps_running(
     assert letter.headers["Keyedbus-Attempts"] == "1"
 
 
-async def test_each_group_gets_every_message(bus_url: str, clock: object) -> None:
+@pytest.mark.memory_only(NOT_DRAINED)
+async def test_each_group_gets_every_message(backend: Backend, clock: object) -> None:
     seen: dict[str, list[bytes]] = defaultdict(list)
 
     def make(group: str) -> keyedbus._bus.Handler[keyedbus.Message]:
@@ -264,7 +281,7 @@ async def test_each_group_gets_every_message(bus_url: str, clock: object) -> Non
         return handler
 
     with trio.fail_after(30):
-        async with keyedbus.open_bus(bus_url) as bus:
+        async with backend.open() as bus:
             await bus.subscribe("orders", make("a"), group="a")
             await bus.subscribe("orders", make("b"), group="b")
             for i in range(10):
@@ -273,7 +290,10 @@ async def test_each_group_gets_every_message(bus_url: str, clock: object) -> Non
     assert seen == {"a": expected, "b": expected}
 
 
-async def test_keyless_messages_run_concurrently_up_to_the_worker_count(bus_url: str, clock: object) -> None:
+@pytest.mark.memory_only(NOT_DRAINED)
+async def test_keyless_messages_run_concurrently_up_to_the_worker_count(
+    backend: Backend, clock: object
+) -> None:
     release = trio.Event()
     four_running = trio.Event()
     running = 0
@@ -289,7 +309,7 @@ async def test_keyless_messages_run_concurrently_up_to_the_worker_count(bus_url:
         running -= 1
 
     with trio.fail_after(30):
-        async with keyedbus.open_bus(bus_url, pool=keyedbus.PoolConfig(workers=4)) as bus:
+        async with backend.open(pool=keyedbus.PoolConfig(workers=4)) as bus:
             await bus.subscribe("audit", handler)
             for i in range(10):
                 await bus.publish("audit", str(i).encode())

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Generic, TypeVar, final
 from urllib.parse import urlsplit
 
@@ -571,6 +572,34 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return exc
 
 
+def _shown(url: str) -> str:
+    """The URL as it may appear in reprs, logs and errors: no credentials."""
+    if url.startswith("memory"):
+        return url
+    from ._backends._urls import safe_url
+
+    return safe_url(url)
+
+
+def _nats_options(**given: Any) -> dict[str, Any]:
+    """Map open_bus's auth and TLS options to nats-py's connect() keywords, checking their types."""
+    names = {"user": "user", "password": "password", "token": "token", "credentials": "user_credentials"}
+    out: dict[str, Any] = {}
+    for name, target in names.items():
+        value = given[name]
+        if value is not None:
+            if not isinstance(value, str):
+                raise ArgumentTypeError(f"{name} must be a str or None, got {type(value).__name__}")
+            out[target] = value
+    if given["tls"] is not None:
+        if not isinstance(given["tls"], ssl.SSLContext):
+            raise ArgumentTypeError(
+                f"tls must be an ssl.SSLContext or None, got {type(given['tls']).__name__}"
+            )
+        out["tls"] = given["tls"]
+    return out
+
+
 def _check_url(url: object) -> str:
     if not isinstance(url, str):
         raise ArgumentTypeError(
@@ -594,6 +623,12 @@ async def open_bus(
     retry: RetryPolicy = RetryPolicy(),  # noqa: B008
     drain_timeout: float = 30.0,
     default_topic: TopicConfig = TopicConfig(),  # noqa: B008
+    connect_timeout: float = 10.0,
+    user: str | None = None,
+    password: str | None = None,
+    token: str | None = None,
+    credentials: str | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Bus]:
     """Open an event bus on `url` ("memory://", the default, or "nats://host:port") and yield it.
 
@@ -613,32 +648,46 @@ async def open_bus(
         raise ArgumentTypeError(
             f"default_topic must be a keyedbus.TopicConfig, got {type(default_topic).__name__}"
         )
-    if isinstance(drain_timeout, bool) or not isinstance(drain_timeout, (int, float)) or drain_timeout < 0:
-        raise InvalidConfigError(f"drain_timeout must be a number of seconds >= 0, got {drain_timeout!r}")
-    if scheme != "memory":
-        raise InvalidConfigError(
-            f"{scheme}:// URLs need the NATS backend, which this version does not have yet"
-        )
+    for name, value in (("drain_timeout", drain_timeout), ("connect_timeout", connect_timeout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise InvalidConfigError(f"{name} must be a number of seconds >= 0, got {value!r}")
+    options = _nats_options(user=user, password=password, token=token, credentials=credentials, tls=tls)
     counters = Counters()
     bus: Bus | None = None
     try:
-        async with trio.open_nursery() as nursery:
-            backend = MemoryBackend(nursery, buffer_size=pool.queue_size)
-            worker_pool = KeyedWorkerPool(pool, counters)
-            await nursery.start(worker_pool.run)
-            bus = Bus(backend, worker_pool, counters, url=url, retry=retry, default_topic=default_topic)
-            try:
-                yield bus
-            except BaseException:
-                unfinished = worker_pool.unfinished
-                if unfinished:
-                    logger.warning(
-                        "bus cancelled with %d message(s) unfinished; they stay unacked", unfinished
+        async with AsyncExitStack() as stack:
+            nats_backend: Any = None
+            if scheme != "memory":
+                # Imported here only: trio_asyncio re-routes asyncio for the whole process.
+                from ._backends import nats as nats_backend
+
+                await stack.enter_async_context(nats_backend.open_loop())
+            async with trio.open_nursery() as nursery:
+                backend: Backend
+                if nats_backend is None:
+                    backend = MemoryBackend(nursery, buffer_size=pool.queue_size)
+                else:
+                    backend = await nats_backend.connect(
+                        url, nursery, connect_timeout=connect_timeout, options=options
                     )
+                stack.push_async_callback(backend.aclose)
+                worker_pool = KeyedWorkerPool(pool, counters)
+                await nursery.start(worker_pool.run)
+                bus = Bus(
+                    backend, worker_pool, counters, url=_shown(url), retry=retry, default_topic=default_topic
+                )
+                try:
+                    yield bus
+                except BaseException:
+                    unfinished = worker_pool.unfinished
+                    if unfinished:
+                        logger.warning(
+                            "bus cancelled with %d message(s) unfinished; they stay unacked", unfinished
+                        )
+                    nursery.cancel_scope.cancel()
+                    raise
+                await bus._drain(drain_timeout)
                 nursery.cancel_scope.cancel()
-                raise
-            await bus._drain(drain_timeout)
-            nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         exc = _unwrap(group)
         if exc is group:

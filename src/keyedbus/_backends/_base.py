@@ -85,5 +85,8 @@ class Backend(Protocol):
         """True when every message on a subscribed topic has been delivered and settled (drain helper)."""
         ...
 
+    async def aclose(self) -> None:
+        """Flush pending acks and close the connection; shielded and bounded, so safe in a finally."""
+
     async def wait_settled(self) -> None:
         """Wait until `settled()` is true; backends that cannot tell return at once."""
