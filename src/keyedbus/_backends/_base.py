@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+import attrs
+
 from .._config import TopicConfig
 from .._messages import Message
 
-__all__ = ["Backend", "BackendSubscription", "Delivery", "Inbox"]
+__all__ = ["AtMostOnceDelivery", "Backend", "BackendSubscription", "Delivery", "Inbox"]
 
 
 class Delivery(Protocol):
@@ -27,6 +29,22 @@ class Delivery(Protocol):
 
     def release(self) -> None:
         """Leave unsettled: the broker delivers it again later, to this group's next subscriber."""
+
+
+@attrs.define(eq=False)
+class AtMostOnceDelivery:
+    """A delivery on an ephemeral topic: there is nothing to settle with the broker."""
+
+    message: Message
+
+    def ack(self) -> None:
+        """At-most-once: nothing to settle."""
+
+    def term(self) -> None:
+        """At-most-once: nothing to settle."""
+
+    def release(self) -> None:
+        """At-most-once: nothing to settle."""
 
 
 class Inbox(Protocol):

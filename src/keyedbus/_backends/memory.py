@@ -16,7 +16,7 @@ import trio
 from .._config import TopicConfig
 from .._errors import TopicConfigConflictError
 from .._messages import KEY_HEADER, Message
-from ._base import Inbox
+from ._base import AtMostOnceDelivery, Inbox
 
 __all__ = ["DEFAULT_MAX_MSGS", "DEDUP_WINDOW", "MemoryBackend"]
 
@@ -55,20 +55,6 @@ class _Delivery:
 
     def release(self) -> None:
         """Nothing to do: an unsettled message stays outstanding and is redelivered after detach."""
-
-
-@attrs.define(eq=False)
-class _EphemeralDelivery:
-    message: Message
-
-    def ack(self) -> None:
-        """At-most-once: nothing to settle."""
-
-    def term(self) -> None:
-        """At-most-once: nothing to settle."""
-
-    def release(self) -> None:
-        """At-most-once: nothing to settle."""
 
 
 class _Topic:
@@ -364,10 +350,10 @@ class MemoryBackend:
             with sub.scope:
                 task_status.started()
                 async for first in sub.receive:
-                    batch = [_EphemeralDelivery(first)]
+                    batch = [AtMostOnceDelivery(first)]
                     while len(batch) < _BATCH:
                         try:
-                            batch.append(_EphemeralDelivery(sub.receive.receive_nowait()))
+                            batch.append(AtMostOnceDelivery(sub.receive.receive_nowait()))
                         except trio.WouldBlock:
                             break
                     await sub.inbox.deliver(batch)

@@ -24,7 +24,7 @@ from .._config import TopicConfig
 from .._errors import ConnectionFailedError, KeyedBusError, PublishError
 from .._messages import KEY_HEADER, MSG_ID_HEADER, Message
 from .._pool import fnv1a_32
-from ._base import Inbox
+from ._base import AtMostOnceDelivery, Inbox
 from ._urls import safe_url
 
 __all__ = ["NatsBackend", "connect", "open_loop", "safe_url"]
@@ -71,20 +71,6 @@ class _NatsDelivery:
     def release(self) -> None:
         # Left un-acked: JetStream redelivers it after ack_wait; stop heart-beating it.
         self.backend._outstanding.pop(id(self), None)
-
-
-@attrs.define(eq=False)
-class _CoreDelivery:
-    message: Message
-
-    def ack(self) -> None:
-        """At-most-once: nothing to settle."""
-
-    def term(self) -> None:
-        """At-most-once: nothing to settle."""
-
-    def release(self) -> None:
-        """At-most-once: nothing to settle."""
 
 
 class _Stoppable:
@@ -278,7 +264,7 @@ class NatsBackend:
                     raw, dropped = await trio_asyncio.aio_as_trio(state.take)()
                     if dropped:
                         inbox.dropped(dropped, "the subscription's buffer was full")
-                    await inbox.deliver([_CoreDelivery(_message(topic, m, 1)) for m in raw])
+                    await inbox.deliver([AtMostOnceDelivery(_message(topic, m, 1)) for m in raw])
         finally:
             stopped.set()
 
