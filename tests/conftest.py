@@ -58,6 +58,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     gap = request.node.get_closest_marker("memory_only")
     if gap is not None:
         pytest.skip(f"{name}: {gap.args[0]}")
+    excluded = request.node.get_closest_marker("not_on")
+    if excluded is not None and name in excluded.args:
+        pytest.skip(f"{name}: {excluded.kwargs['reason']}")
     server = NatsServer(tmp_path / "jetstream")
     server.start()
     topic = keyedbus.TopicConfig(persistence="ephemeral" if name == "nats-core" else "persistent")

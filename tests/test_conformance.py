@@ -16,10 +16,6 @@ import keyedbus
 
 from .conftest import Backend
 
-NOT_DRAINED = (
-    "NATS backend gap (issue 4): leaving the block does not yet wait for messages it has not fetched, "
-    "and this test relies on that"
-)
 FAST_RETRY = keyedbus.RetryPolicy(max_attempts=10, initial_backoff=0.01, max_backoff=0.05, jitter=0)
 
 
@@ -46,7 +42,6 @@ class OrderChecker:
             self.done[key].append(seq)
 
 
-@pytest.mark.memory_only(NOT_DRAINED)
 async def test_order_per_key_through_random_delays_and_failures(backend: Backend, clock: object) -> None:
     rng = random.Random(1234)
     checker = OrderChecker()
@@ -142,7 +137,6 @@ async def test_a_poison_key_does_not_stall_other_keys_on_its_worker(backend: Bac
     assert dead[0].headers["Keyedbus-Attempts"] == "3"
 
 
-@pytest.mark.memory_only(NOT_DRAINED)
 async def test_leaving_the_block_drains_everything_published(backend: Backend, clock: object) -> None:
     handled: list[int] = []
 
@@ -159,10 +153,7 @@ async def test_leaving_the_block_drains_everything_published(backend: Backend, c
     assert bus.statistics().queued == 0
 
 
-@pytest.mark.memory_only(
-    "NATS backend gap (issue 4): unsettled messages return only after ack_wait (30 s); "
-    "core NATS never redelivers"
-)
+@pytest.mark.not_on("nats-core", reason="core NATS is at-most-once: nothing is redelivered")
 async def test_unsettled_messages_go_to_the_groups_next_subscriber_in_key_order(
     backend: Backend, clock: object
 ) -> None:
@@ -206,7 +197,6 @@ async def test_unsettled_messages_go_to_the_groups_next_subscriber_in_key_order(
     assert next(a for k, s, a in second_seen if (k, s) == ("k1", 0)) > 1
 
 
-@pytest.mark.memory_only(NOT_DRAINED)
 async def test_dead_letter_carries_key_headers_and_reason_then_the_key_moves_on(
     backend: Backend, clock: object
 ) -> None:
@@ -239,7 +229,6 @@ async def test_dead_letter_carries_key_headers_and_reason_then_the_key_moves_on(
     assert bus.statistics().dead_lettered == 1
 
 
-@pytest.mark.memory_only(NOT_DRAINED)
 async def test_malformed_envelope_is_dead_lettered_and_the_bus_keeps_running(
     backend: Backend, clock: object
 ) -> None:
@@ -270,7 +259,6 @@ async def test_malformed_envelope_is_dead_lettered_and_the_bus_keeps_running(
     assert letter.headers["Keyedbus-Attempts"] == "1"
 
 
-@pytest.mark.memory_only(NOT_DRAINED)
 async def test_each_group_gets_every_message(backend: Backend, clock: object) -> None:
     seen: dict[str, list[bytes]] = defaultdict(list)
 
@@ -290,7 +278,6 @@ async def test_each_group_gets_every_message(backend: Backend, clock: object) ->
     assert seen == {"a": expected, "b": expected}
 
 
-@pytest.mark.memory_only(NOT_DRAINED)
 async def test_keyless_messages_run_concurrently_up_to_the_worker_count(
     backend: Backend, clock: object
 ) -> None:

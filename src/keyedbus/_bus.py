@@ -170,8 +170,18 @@ class _Consumer(Generic[T]):
             extra={"topic": self.topic},
         )
 
+    def key_of(self, message: Message) -> str | None:
+        return self._resolve(message)[0]
+
     def _item(self, delivery: Delivery) -> AggregateMessage:
         message = delivery.message
+        key, value, reason = self._resolve(message)
+        return AggregateMessage(
+            key, delivery, self, value, attempt=message.attempt, dead_letter_reason=reason
+        )
+
+    def _resolve(self, message: Message) -> tuple[str | None, object, str | None]:
+        """The ordering key, the handler's argument, and why it must be dead-lettered (None: it need not)."""
         key = message.key
         value: object = message
         reason: str | None = None
@@ -195,9 +205,7 @@ class _Consumer(Generic[T]):
                 value = envelope
                 if self.key_fn is None:
                     key = envelope.aggregate_id
-        return AggregateMessage(
-            key, delivery, self, value, attempt=message.attempt, dead_letter_reason=reason
-        )
+        return key, value, reason
 
     # -- Consumer (for the pool) ----------------------------------------------------------------------
 
@@ -280,6 +288,7 @@ class Subscription:
         self._done = True
         consumer = self._consumer
         consumer.active = False
+        consumer.bus._pool.release_parked()
         await self._backend_sub.stop()
         await consumer.wait_no_handler_running()
         await self._backend_sub.detach()
@@ -551,9 +560,10 @@ class Bus:
                 await self._pool.wait_idle()
                 if self._backend.settled():
                     break
-            for sub in list(self._subscriptions.values()):
-                if sub is not None:
-                    await sub._backend_sub.stop()
+            async with trio.open_nursery() as nursery:
+                for sub in list(self._subscriptions.values()):
+                    if sub is not None:
+                        nursery.start_soon(sub._backend_sub.stop)
             self._pool.close()
             await self._pool.done.wait()
         if scope.cancelled_caught:

@@ -134,6 +134,10 @@ class TopicConfig:
     max_msgs: int | None = attrs.field(default=None, validator=_integer(minimum=1, optional=True))
     #: Stream replicas on a NATS cluster (1 on a single server).
     replicas: int = attrs.field(default=1, validator=_integer(minimum=1))
+    #: Seconds JetStream waits for a settle before it redelivers a message to the group (a consumer that
+    #: died); live consumers keep slow messages alive with heartbeats. memory:// has no separate consumer
+    #: process to die, so it ignores this.
+    ack_wait: float = attrs.field(default=30.0, validator=_number(minimum=1, inclusive=True))
 
     @persistence.validator
     def _check_persistence(self, attribute: attrs.Attribute[str], value: object) -> None:

@@ -8,16 +8,13 @@ import itertools
 import logging
 import math
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import attrs
 import trio
 
 from ._config import PoolConfig, RetryPolicy
 from ._messages import AggregateMessage
-
-if TYPE_CHECKING:
-    from collections.abc import Hashable
 
 __all__ = ["Consumer", "Counters", "KeyedWorkerPool", "fnv1a_32"]
 
@@ -109,6 +106,9 @@ class KeyedWorkerPool:
         self._idle = trio.lowlevel.ParkingLot()
         self._closed = False
         self._tick = itertools.count()  # tie-breaker so the timer heap never compares keys
+        # A worker waiting for its queue can be woken to hand back the parked keys of a gone subscription.
+        self._waits: list[trio.CancelScope | None] = [None] * config.workers
+        self._sweep = [False] * config.workers
         self.done = trio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ class KeyedWorkerPool:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for index, receive in enumerate(self._receive):
-                    nursery.start_soon(self._worker, receive, name=f"keyedbus-worker-{index}")
+                    nursery.start_soon(self._worker, index, receive, name=f"keyedbus-worker-{index}")
                 task_status.started()
         finally:
             self.done.set()
@@ -132,6 +132,16 @@ class KeyedWorkerPool:
         self._closed = True
         for send in self._send:
             send.close()
+
+    def release_parked(self) -> None:
+        """Hand back at once the parked messages of subscriptions that are no longer active.
+
+        Their retry timers are not waited for: a gone subscription's messages go back to the broker.
+        """
+        for index, scope in enumerate(self._waits):
+            self._sweep[index] = True
+            if scope is not None:
+                scope.cancel()
 
     @property
     def unfinished(self) -> int:
@@ -186,29 +196,46 @@ class KeyedWorkerPool:
         if not self._items:
             self._idle.unpark_all()
 
-    async def _worker(self, receive: trio.MemoryReceiveChannel[AggregateMessage]) -> None:
-        parked: dict[Hashable, _Parked] = {}
-        timers: list[tuple[float, int, Hashable]] = []
+    async def _worker(self, index: int, receive: trio.MemoryReceiveChannel[AggregateMessage]) -> None:
+        parked: dict[tuple[Consumer, str], _Parked] = {}
+        timers: list[tuple[float, int, tuple[Consumer, str]]] = []
         closed = False
         with receive:
             while True:
+                if self._sweep[index]:
+                    self._sweep[index] = False
+                    for pkey in [p for p in parked if not p[0].active]:
+                        await self._resume(parked, timers, pkey)
+                    # Forget the handed-back keys' timers, or a closing worker would wait for them.
+                    timers[:] = [t for t in timers if t[2] in parked]
+                    heapq.heapify(timers)
                 while timers and timers[0][0] <= trio.current_time():
                     _, _, pkey = heapq.heappop(timers)
-                    await self._resume(parked, timers, pkey)
+                    if pkey in parked:  # not already handed back by a sweep
+                        await self._resume(parked, timers, pkey)
                 if closed:
                     if not timers:
                         return
-                    await trio.sleep_until(timers[0][0])
+                    with trio.move_on_at(timers[0][0]) as wait:
+                        self._waits[index] = wait
+                        try:
+                            await trio.sleep_forever()
+                        finally:
+                            self._waits[index] = None
                     continue
                 item: AggregateMessage | None = None
                 # Only the receive sits inside the deadline scope: a handler must never be cut short by it.
-                with trio.move_on_at(timers[0][0] if timers else math.inf):
+                with trio.move_on_at(timers[0][0] if timers else math.inf) as wait:
+                    self._waits[index] = wait
                     try:
                         item = await receive.receive()
                     except trio.EndOfChannel:
                         closed = True
+                    finally:
+                        self._waits[index] = None
                 if item is None:
                     continue
+                assert item.key is not None, "keyless items never reach a worker"
                 pkey = (item.consumer, item.key)
                 waiting = parked.get(pkey)
                 if waiting is not None:
@@ -224,7 +251,10 @@ class KeyedWorkerPool:
                     heapq.heappush(timers, (due, next(self._tick), pkey))
 
     async def _resume(
-        self, parked: dict[Hashable, _Parked], timers: list[tuple[float, int, Hashable]], pkey: Hashable
+        self,
+        parked: dict[tuple[Consumer, str], _Parked],
+        timers: list[tuple[float, int, tuple[Consumer, str]]],
+        pkey: tuple[Consumer, str],
     ) -> None:
         """Retry a parked key's head message, then run its later messages in order until one fails again."""
         waiting = parked[pkey]

@@ -59,6 +59,10 @@ class Inbox(Protocol):
     def dropped(self, count: int, why: str) -> None:
         """Record `count` ephemeral messages that were dropped (at-most-once topics only)."""
 
+    def key_of(self, message: Message) -> str | None:
+        """The key the bus orders `message` by (from its header, envelope or key function)."""
+        ...
+
 
 class BackendSubscription(Protocol):
     """A live subscription of one (topic, group) inside a backend."""

@@ -1,15 +1,17 @@
-"""NATS core (ephemeral topics) and JetStream (persistent topics) through nats-py, bridged with trio-asyncio.
+"""The NATS connection: core NATS for ephemeral topics, and the bridge every JetStream call goes through.
 
-The only module that imports asyncio code. Each trio<->asyncio crossing costs tens of microseconds, so
-every direction crosses once per batch: publishes are gathered by one pump task, acks by another, and
-subscriptions fetch whole batches.
+Only this module and `jetstream` import asyncio code. Each trio<->asyncio crossing costs tens of
+microseconds, so every direction crosses once per batch: publishes are gathered by one pump task, acks by
+another, and subscriptions take whole batches.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -22,28 +24,18 @@ import trio_asyncio
 
 from .._config import TopicConfig
 from .._errors import ConnectionFailedError, KeyedBusError, PublishError
-from .._messages import KEY_HEADER, MSG_ID_HEADER, Message
-from .._pool import fnv1a_32
+from .._messages import MSG_ID_HEADER
 from ._base import AtMostOnceDelivery, Inbox
 from ._urls import safe_url
+from .jetstream import PullSubscription, message_from, stream_config, stream_name
 
 __all__ = ["NatsBackend", "connect", "open_loop", "safe_url"]
 
 logger = logging.getLogger("keyedbus")
 
 _BATCH = 256
-_FETCH_WAIT = 1.0  # seconds a pull request waits on the server for messages
-#: Seconds JetStream waits for an ack before redelivering; heartbeats (in_progress) keep slow ones alive.
-ACK_WAIT = 30.0
-#: Unacked messages one durable consumer may have outstanding: what bounds memory on the consumer side.
-MAX_ACK_PENDING = 20_000
 #: Messages waiting in one core-NATS subscription before new ones are dropped (and counted).
 _CORE_BUFFER = 65_536
-
-
-def _name(prefix: str, text: str) -> str:
-    """A JetStream name (no dots) that is unique per topic: readable part plus a stable hash."""
-    return f"{prefix}_{text.replace('.', '_')[:80]}_{fnv1a_32(text):08x}"
 
 
 @attrs.define(eq=False)
@@ -56,40 +48,52 @@ class _Publish:
     error: BaseException | None = None
 
 
-@attrs.define(eq=False)
-class _NatsDelivery:
-    backend: NatsBackend
-    raw: Any  # nats.aio.msg.Msg
-    message: Message
+class _CoreSubscription:
+    """A core-NATS subscription: nats-py buffers on the asyncio side, a trio task takes whole batches."""
 
-    def ack(self) -> None:
-        self.backend._settle(self, "ack")
+    def __init__(self, backend: NatsBackend, topic: str, inbox: Inbox) -> None:
+        self.backend = backend
+        self.topic = topic
+        self.inbox = inbox
+        self.state = _CoreState()
+        self.aio_sub: Any = None
+        self.in_hand = 0
+        self._scope = trio.CancelScope()
+        self._stopped = trio.Event()
 
-    def term(self) -> None:
-        self.backend._settle(self, "term")
+    async def start(self, group: str, nursery: trio.Nursery) -> None:
+        self.aio_sub = await trio_asyncio.aio_as_trio(self.backend._aio_core_subscribe)(
+            self.topic, group, self.state
+        )
+        await nursery.start(self._read)
 
-    def release(self) -> None:
-        # Left un-acked: JetStream redelivers it after ack_wait; stop heart-beating it.
-        self.backend._outstanding.pop(id(self), None)
+    async def _read(self, *, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            with self._scope:
+                task_status.started()
+                while True:
+                    raw, dropped = await trio_asyncio.aio_as_trio(self.state.take)()
+                    if dropped:
+                        self.inbox.dropped(dropped, "the subscription's buffer was full")
+                    self.in_hand = len(raw)
+                    await self.inbox.deliver(
+                        [AtMostOnceDelivery(message_from(self.topic, m.data, m.headers, 1)) for m in raw]
+                    )
+                    self.in_hand = 0
+        finally:
+            self._stopped.set()
 
-
-class _Stoppable:
-    def __init__(
-        self, backend: NatsBackend, scope: trio.CancelScope, stopped: trio.Event, aio_sub: Any
-    ) -> None:
-        self._backend = backend
-        self._scope = scope
-        self._stopped = stopped
-        self._aio_sub = aio_sub
+    def idle(self) -> bool:
+        return not self.state.buffer and not self.in_hand
 
     async def stop(self) -> None:
         self._scope.cancel()
         await self._stopped.wait()
 
     async def detach(self) -> None:
-        # Un-acked messages return to the durable consumer by themselves (ack_wait); drop the client side.
+        self.backend.forget(self)
         try:
-            await trio_asyncio.aio_as_trio(self._aio_sub.unsubscribe)()
+            await trio_asyncio.aio_as_trio(self.aio_sub.unsubscribe)()
         except Exception as exc:  # the connection may be gone; the server forgets the interest then too
             logger.debug("unsubscribe failed: %s", exc)
 
@@ -99,15 +103,22 @@ class NatsBackend:
 
     def __init__(self, nc: Any, nursery: trio.Nursery, url: str) -> None:
         self._nc = nc
-        self._js = nc.jetstream()
+        self.js = nc.jetstream()
         self._nursery = nursery
         self._url = url
         self._streams: set[str] = set()
         self._stream_lock = trio.Lock()
         self._pub_send, self._pub_recv = trio.open_memory_channel[_Publish](4096)
-        self._settle_queue: list[tuple[_NatsDelivery, str]] = []
+        self._settle_queue: list[tuple[Any, str]] = []
         self._settle_wakeup = trio.Event()
-        self._outstanding: dict[int, _NatsDelivery] = {}
+        self._settle_flushed = trio.Event()
+        self._flush_wanted = False
+        self._core_subs: set[_CoreSubscription] = set()
+        self._pull_subs: set[PullSubscription] = set()
+        #: Highest stream sequence our own publishes got, per topic (drain waits for those too).
+        self._published: dict[str, int] = {}
+        self._publish_count = 0
+        self._settled_at = -1
         self.closing = False
 
     @property
@@ -117,7 +128,6 @@ class NatsBackend:
     async def start(self) -> None:
         self._nursery.start_soon(self._publish_pump)
         self._nursery.start_soon(self._settle_pump)
-        self._nursery.start_soon(self._heartbeat)
 
     # -- topics -------------------------------------------------------------------------------------------
 
@@ -125,37 +135,27 @@ class NatsBackend:
         if config.persistent:
             await self._ensure_stream(topic, config, update=True)
 
-    async def _ensure_stream(self, topic: str, config: TopicConfig, *, update: bool = False) -> str:
-        name = _name("KB", topic)
+    async def _ensure_stream(self, topic: str, config: TopicConfig, *, update: bool = False) -> None:
+        name = stream_name(topic)
         if name in self._streams and not update:
-            return name
+            return
         async with self._stream_lock:
             if name in self._streams and not update:
-                return name
-            stream = nats.js.api.StreamConfig(
-                name=name,
-                subjects=[topic],
-                max_age=config.max_age,
-                max_bytes=config.max_bytes or -1,
-                max_msgs=config.max_msgs or -1,
-                num_replicas=config.replicas,
-                duplicate_window=120.0,
-                storage=nats.js.api.StorageType.FILE,
-            )
+                return
             try:
-                await trio_asyncio.aio_as_trio(self._add_or_update_stream)(stream)
+                await trio_asyncio.aio_as_trio(self._add_or_update_stream)(stream_config(topic, config))
             except nats.errors.Error as exc:
                 raise KeyedBusError(
-                    f"could not create the JetStream stream for topic {topic!r}: {exc}"
+                    f"could not create the JetStream stream for topic {topic!r}: {exc}; check that "
+                    "nats-server runs with JetStream enabled (-js)"
                 ) from exc
             self._streams.add(name)
-        return name
 
     async def _add_or_update_stream(self, stream: Any) -> None:
         try:
-            await self._js.add_stream(stream)
+            await self.js.add_stream(stream)
         except nats.js.errors.BadRequestError:
-            await self._js.update_stream(stream)
+            await self.js.update_stream(stream)
 
     # -- publishing -----------------------------------------------------------------------------------
 
@@ -181,6 +181,10 @@ class NatsBackend:
             )
         self._pub_send.send_nowait(_Publish(topic, data, headers, False))
 
+    def published_seq(self, topic: str) -> int:
+        """The highest stream sequence our own publishes to `topic` were stored at (0: none)."""
+        return self._published.get(topic, 0)
+
     async def _publish_pump(self) -> None:
         """Cross into asyncio once per batch of publishes; JetStream publishes in a batch are pipelined."""
         async for first in self._pub_recv:
@@ -190,144 +194,151 @@ class NatsBackend:
                     batch.append(self._pub_recv.receive_nowait())
                 except trio.WouldBlock:
                     break
-            errors = await trio_asyncio.aio_as_trio(self._aio_publish)(batch)
-            for request, error in zip(batch, errors, strict=True):
-                request.error = error
+            results = await trio_asyncio.aio_as_trio(self._aio_publish)(batch)
+            self._publish_count += len(batch)
+            for request, result in zip(batch, results, strict=True):
+                if isinstance(result, int):
+                    self._published[request.topic] = max(self._published.get(request.topic, 0), result)
+                else:
+                    request.error = result
                 request.done.set()
 
-    async def _aio_publish(self, batch: list[_Publish]) -> list[BaseException | None]:
-        errors: list[BaseException | None] = [None] * len(batch)
+    async def _aio_publish(self, batch: list[_Publish]) -> list[BaseException | int]:
+        """Publish a batch; each result is the stored sequence (0 on core NATS) or the error."""
+        results: list[BaseException | int] = [0] * len(batch)
         pending: list[tuple[int, Any]] = []
         for index, request in enumerate(batch):
             try:
                 if request.persistent:
                     pending.append(
-                        (index, self._js.publish(request.topic, request.data, headers=request.headers))
+                        (index, self.js.publish(request.topic, request.data, headers=request.headers))
                     )
                 else:
                     await self._nc.publish(request.topic, request.data, headers=request.headers or None)
             except Exception as exc:
-                errors[index] = _publish_error(request.topic, exc)
+                results[index] = _publish_error(request.topic, exc)
         if pending:
-            results = await asyncio.gather(*(c for _, c in pending), return_exceptions=True)
-            for (index, _), result in zip(pending, results, strict=True):
-                if isinstance(result, BaseException):
-                    errors[index] = _publish_error(batch[index].topic, result)
+            acks = await asyncio.gather(*(c for _, c in pending), return_exceptions=True)
+            for (index, _), ack in zip(pending, acks, strict=True):
+                if isinstance(ack, BaseException):
+                    results[index] = _publish_error(batch[index].topic, ack)
+                else:
+                    results[index] = int(ack.seq)
         else:
             await self._nc.flush()
-        return errors
+        return results
 
     # -- subscribing ----------------------------------------------------------------------------------
 
-    async def subscribe(self, topic: str, config: TopicConfig, group: str, inbox: Inbox) -> _Stoppable:
-        scope = trio.CancelScope()
-        stopped = trio.Event()
+    async def subscribe(
+        self, topic: str, config: TopicConfig, group: str, inbox: Inbox
+    ) -> PullSubscription | _CoreSubscription:
+        sub: PullSubscription | _CoreSubscription
         if config.persistent:
-            stream = await self._ensure_stream(topic, config)
-            durable = _name("KBC", f"{topic}.{group or 'default'}")
-            consumer = nats.js.api.ConsumerConfig(
-                durable_name=durable,
-                ack_policy=nats.js.api.AckPolicy.EXPLICIT,
-                ack_wait=ACK_WAIT,
-                max_ack_pending=MAX_ACK_PENDING,
-                deliver_policy=nats.js.api.DeliverPolicy.ALL,
-            )
-            psub = await trio_asyncio.aio_as_trio(self._js.pull_subscribe)(
-                topic, durable=durable, stream=stream, config=consumer
-            )
-            await self._nursery.start(self._pull_reader, topic, psub, inbox, scope, stopped)
-            return _Stoppable(self, scope, stopped, psub)
-        state = _CoreState()
-        sub = await trio_asyncio.aio_as_trio(self._aio_core_subscribe)(topic, group, state)
-        await self._nursery.start(self._core_reader, topic, state, inbox, scope, stopped)
-        return _Stoppable(self, scope, stopped, sub)
+            await self._ensure_stream(topic, config)
+            sub = PullSubscription(self, topic, config, group, inbox)
+            try:
+                await sub.start(self._nursery)
+            except nats.errors.Error as exc:
+                raise KeyedBusError(
+                    f"could not start the JetStream consumer for topic {topic!r}: {type(exc).__name__}: "
+                    f"{exc}; check the connection to {safe_url(self._url)}"
+                ) from exc
+            self._pull_subs.add(sub)
+        else:
+            sub = _CoreSubscription(self, topic, inbox)
+            await sub.start(group, self._nursery)
+            self._core_subs.add(sub)
+        return sub
+
+    def forget(self, sub: PullSubscription | _CoreSubscription) -> None:
+        """A detached subscription: the drain no longer waits for it."""
+        self._pull_subs.discard(sub)
+        self._core_subs.discard(sub)
 
     async def _aio_core_subscribe(self, topic: str, group: str, state: _CoreState) -> Any:
         sub = await self._nc.subscribe(topic, queue=group, cb=state.on_message)
         await self._nc.flush()  # the server knows the interest before subscribe returns
         return sub
 
-    async def _core_reader(
-        self,
-        topic: str,
-        state: _CoreState,
-        inbox: Inbox,
-        scope: trio.CancelScope,
-        stopped: trio.Event,
-        *,
-        task_status: trio.TaskStatus[None],
-    ) -> None:
-        try:
-            with scope:
-                task_status.started()
-                while True:
-                    raw, dropped = await trio_asyncio.aio_as_trio(state.take)()
-                    if dropped:
-                        inbox.dropped(dropped, "the subscription's buffer was full")
-                    await inbox.deliver([AtMostOnceDelivery(_message(topic, m, 1)) for m in raw])
-        finally:
-            stopped.set()
-
-    async def _pull_reader(
-        self,
-        topic: str,
-        psub: Any,
-        inbox: Inbox,
-        scope: trio.CancelScope,
-        stopped: trio.Event,
-        *,
-        task_status: trio.TaskStatus[None],
-    ) -> None:
-        try:
-            with scope:
-                task_status.started()
-                while True:
-                    raw = await trio_asyncio.aio_as_trio(_aio_fetch)(psub)
-                    batch = []
-                    for m in raw:
-                        delivery = _NatsDelivery(self, m, _message(topic, m, m.metadata.num_delivered))
-                        self._outstanding[id(delivery)] = delivery
-                        batch.append(delivery)
-                    await inbox.deliver(batch)
-        finally:
-            stopped.set()
-
     # -- settling -------------------------------------------------------------------------------------
 
-    def _settle(self, delivery: _NatsDelivery, how: str) -> None:
-        self._outstanding.pop(id(delivery), None)
-        self._settle_queue.append((delivery, how))
+    def queue_settles(self, settles: Iterable[tuple[Any, str]]) -> None:
+        """Queue acks, terms and naks; the settle pump sends them in order, one crossing per batch."""
+        self._settle_queue.extend(settles)
         self._settle_wakeup.set()
 
+    async def settle_now(self, settles: list[tuple[Any, str]]) -> None:
+        """Queue `settles` behind what is queued, and wait until the server has them all (flushed)."""
+        self._settle_queue.extend(settles)
+        done = self._settle_flushed
+        self._flush_wanted = True
+        self._settle_wakeup.set()
+        await done.wait()
+
     async def _settle_pump(self) -> None:
+        # One task sends every settle, so a nak queued after an ack reaches the server after it.
         while True:
             await self._settle_wakeup.wait()
             self._settle_wakeup = trio.Event()
             batch, self._settle_queue = self._settle_queue, []
-            await trio_asyncio.aio_as_trio(_aio_settle)(batch)
+            done, self._settle_flushed = self._settle_flushed, trio.Event()
+            flush, self._flush_wanted = self._flush_wanted, False
+            if batch or flush:
+                await trio_asyncio.aio_as_trio(self._aio_settle)(batch, flush=flush)
+            done.set()
 
-    async def _heartbeat(self) -> None:
-        """Tell JetStream that queued, parked and running messages are still being worked on."""
-        while True:
-            await trio.sleep(ACK_WAIT / 3)
-            alive = [d.raw for d in self._outstanding.values()]
-            if alive:
-                await trio_asyncio.aio_as_trio(_aio_in_progress)(alive)
+    async def _aio_settle(self, batch: list[tuple[Any, str]], *, flush: bool = False) -> None:
+        for raw, how in batch:
+            try:
+                await getattr(raw, how)()
+            except Exception as exc:  # a lost ack means a redelivery (attempt > 1), never a loss
+                logger.warning("could not %s a message of %s: %s", how, raw.subject, exc)
+        if flush:
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=2)
 
-    def settled(self) -> bool:
-        return True
+    # -- draining -------------------------------------------------------------------------------------
 
     async def wait_settled(self) -> None:
-        await trio.lowlevel.checkpoint()
+        """Wait until every subscribed topic has had what was published before now handled and settled.
+
+        Messages others publish after the drain began are left for the next consumer.
+        """
+        while True:
+            count = self._publish_count
+            try:
+                # After the PONG, all the server sent us before is in our buffers.
+                await trio_asyncio.aio_as_trio(self._nc.flush)(2)
+                caught_up = [await sub.caught_up() for sub in list(self._pull_subs)]
+            except Exception as exc:  # disconnected: keep waiting, bounded by drain_timeout
+                logger.debug("drain check failed: %s", exc)
+                caught_up = [False]
+            if all(caught_up) and all(sub.idle() for sub in self._core_subs) and not self._settle_queue:
+                self._settled_at = count
+                return
+            await trio.sleep(0.02)
+
+    def settled(self) -> bool:
+        return (
+            self._settled_at == self._publish_count
+            and not self._settle_queue
+            and all(sub.idle() for sub in self._core_subs)
+            and all(sub.idle() for sub in self._pull_subs)
+        )
 
     async def aclose(self) -> None:
-        """Send the acks still queued, then close the connection (bounded, shielded)."""
+        """Hand back what is unsettled (nak, oldest first), send queued acks, close (bounded, shielded)."""
         self.closing = True
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             try:
-                if self._settle_queue:
-                    batch, self._settle_queue = self._settle_queue, []
-                    await trio_asyncio.aio_as_trio(_aio_settle)(batch)
+                # The pumps are stopped by now: send directly, queued settles first.
+                naks = [(raw, "nak") for sub in self._pull_subs for raw in sub.unsettled()]
+                if naks:
+                    logger.warning("handing %d unsettled message(s) back to JetStream", len(naks))
+                batch, self._settle_queue = self._settle_queue + naks, []
+                if batch:
+                    await trio_asyncio.aio_as_trio(self._aio_settle)(batch, flush=True)
                 await trio_asyncio.aio_as_trio(self._nc.close)()
             except Exception as exc:
                 logger.warning("closing the NATS connection to %s failed: %s", safe_url(self._url), exc)
@@ -355,41 +366,6 @@ class _CoreState:
         self.buffer.clear()
         dropped, self.dropped = self.dropped, 0
         return batch, dropped
-
-
-def _message(topic: str, raw: Any, attempt: int) -> Message:
-    headers = dict(raw.headers or {})
-    return Message(
-        topic=topic,
-        data=raw.data,
-        key=headers.get(KEY_HEADER),
-        headers=headers,
-        attempt=attempt,
-        message_id=headers.get(MSG_ID_HEADER, ""),
-    )
-
-
-async def _aio_fetch(psub: Any) -> list[Any]:
-    try:
-        return list(await psub.fetch(_BATCH, timeout=_FETCH_WAIT))
-    except nats.errors.TimeoutError:
-        return []
-
-
-async def _aio_settle(batch: list[tuple[_NatsDelivery, str]]) -> None:
-    for delivery, how in batch:
-        try:
-            await (delivery.raw.ack() if how == "ack" else delivery.raw.term())
-        except Exception as exc:  # a lost ack means a redelivery (attempt > 1), never a loss
-            logger.warning("could not %s message %s: %s", how, delivery.message.message_id, exc)
-
-
-async def _aio_in_progress(raws: list[Any]) -> None:
-    for raw in raws:
-        try:
-            await raw.in_progress()
-        except Exception as exc:
-            logger.debug("in_progress failed: %s", exc)
 
 
 def _publish_error(topic: str, exc: BaseException) -> KeyedBusError:
