@@ -12,8 +12,7 @@ import trio
 import trio.testing
 
 import keyedbus
-
-from .nats_server import NatsServer
+from keyedbus.testing import NatsServer
 
 
 @attrs.frozen

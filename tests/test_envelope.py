@@ -25,6 +25,11 @@ def _invalid() -> list[dict[str, str]]:
     return [json.loads(line) for line in (INTEROP / "invalid.jsonl").read_text().splitlines()]
 
 
+def raw_bytes(case: dict[str, str]) -> bytes:
+    """The bytes of an invalid sample (given as text, or as base64 when not valid UTF-8)."""
+    return case["raw"].encode() if "raw" in case else base64.b64decode(case["raw_base64"])
+
+
 def _instant(text: str) -> dt.datetime:
     # Independent of keyedbus's parser: truncate the fraction to microseconds, then fromisoformat.
     head, _, rest = text.partition(".")
@@ -77,7 +82,7 @@ def test_offset_is_kept_on_the_wire() -> None:
 
 @pytest.mark.parametrize("case", _invalid(), ids=lambda c: c["reason"])
 def test_invalid_samples_are_refused_naming_the_reason(case: dict[str, str]) -> None:
-    raw = case["raw"].encode() if "raw" in case else base64.b64decode(case["raw_base64"])
+    raw = raw_bytes(case)
     with pytest.raises(keyedbus.InvalidEnvelopeError) as info:
         keyedbus.Envelope.decode(raw)
     assert case["reason"] in str(info.value)

@@ -13,9 +13,11 @@ import logging
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import nats
+import nats.aio.client
 import nats.errors
 import nats.js.api
 import nats.js.errors
@@ -389,9 +391,19 @@ async def connect(
     """
     shown = safe_url(url)
     servers = [s.strip() for s in url.split(",")]
+    secrets = _secrets(url, options)
+    refused: list[str] = []
+    attempt = trio.CancelScope(deadline=trio.current_time() + connect_timeout)
 
     async def on_error(exc: Exception) -> None:
-        logger.warning("NATS connection to %s: %s", shown, type(exc).__name__)
+        text = _scrub(f"{type(exc).__name__}: {exc}", secrets)
+        if _is_auth_error(exc):
+            # Retrying cannot fix wrong credentials: stop the initial connect now, say why.
+            refused.append(text)
+            if nc is None:
+                # Not from inside this callback: nats-py closes the refused socket right after it returns.
+                asyncio.get_running_loop().call_later(0.05, attempt.cancel)
+        logger.warning("NATS connection to %s: %s", shown, text)
 
     async def on_disconnect() -> None:
         if backend is None or not backend.closing:
@@ -402,24 +414,38 @@ async def connect(
 
     backend: NatsBackend | None = None
     nc: Any = None
-    with trio.move_on_after(connect_timeout):
-        try:
-            nc = await trio_asyncio.aio_as_trio(nats.connect)(
-                servers=servers,
-                connect_timeout=min(connect_timeout, 2.0),
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                error_cb=on_error,
-                disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
-                **options,
-            )
-        except (nats.errors.Error, OSError) as exc:
-            raise ConnectionFailedError(
-                f"could not connect to NATS at {shown}: {type(exc).__name__}; check the address, "
-                "that nats-server runs there, and the credentials"
-            ) from None
+    client = nats.aio.client.Client()
+    try:
+        with attempt:
+            try:
+                await trio_asyncio.aio_as_trio(client.connect)(
+                    servers=servers,
+                    connect_timeout=min(connect_timeout, 2.0),
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                    **options,
+                )
+            except (nats.errors.Error, OSError) as exc:
+                text = _scrub(f"{type(exc).__name__}: {exc}", secrets)
+                raise ConnectionFailedError(
+                    f"could not connect to NATS at {shown}: {text}; check the address, that nats-server "
+                    "runs there, and the credentials"
+                ) from None
+            nc = client
+    finally:
+        if nc is None:
+            # Given up (timeout, refused, cancelled): close what the attempt opened.
+            with trio.CancelScope(shield=True), trio.move_on_after(2), contextlib.suppress(Exception):
+                await trio_asyncio.aio_as_trio(client.close)()
+    if nc is None and refused:
+        raise ConnectionFailedError(
+            f"the NATS server at {shown} refused the connection ({refused[-1]}): check user/password, "
+            "token or credentials file"
+        )
     if nc is None:
         raise ConnectionFailedError(
             f"no NATS server answered at {shown} within connect_timeout={connect_timeout} s: check the "
@@ -428,3 +454,25 @@ async def connect(
     backend = NatsBackend(nc, nursery, url)
     await backend.start()
     return backend
+
+
+def _secrets(url: str, options: dict[str, Any]) -> list[str]:
+    """Every credential that must never reach a log line or an error message."""
+    found = [str(options[k]) for k in ("user", "password", "token") if options.get(k)]
+    for part in url.split(","):
+        parsed = urlsplit(part.strip() if "://" in part else f"nats://{part.strip()}")
+        found += [s for s in (parsed.username, parsed.password) if s]
+    return found
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _is_auth_error(exc: Exception) -> bool:
+    if isinstance(exc, (nats.errors.AuthorizationError,)):
+        return True
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text

