@@ -1,4 +1,4 @@
-"""Sessions: tests (every installed CPython 3.10-3.13), lint, typecheck, examples, bench."""
+"""Sessions: tests (every installed CPython 3.10-3.13), lint, typecheck, examples, torture."""
 
 from __future__ import annotations
 
@@ -47,3 +47,11 @@ def examples(session: nox.Session) -> None:
     session.install("-e", ".")
     for path in sorted(glob.glob("examples/*.py")):
         session.run("python", path)
+
+
+@nox.session(python=DEFAULT)
+def torture(session: nox.Session) -> None:
+    """The torture run on JetStream, then on memory:// (full size; pass --quick for the CI size)."""
+    session.install("-e", ".[test]")
+    session.run("python", "benchmarks/torture.py", "--backend", "jetstream", *session.posargs)
+    session.run("python", "benchmarks/torture.py", "--backend", "memory", *session.posargs)

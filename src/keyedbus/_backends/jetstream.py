@@ -3,9 +3,11 @@
 Order across a consumer crash is the hard part. JetStream gives the unsettled messages of a dead consumer
 back only when their `ack_wait` expires, while newer messages flow to its successor at once. So a new
 subscription reads the consumer's state first: every stream sequence between the ack floor and the last
-delivered one may still be owed. It reads those messages back by sequence to learn their keys, and holds
-newer messages of those keys until every owed one has been redelivered (and queued in front of them) or
-the ack floor shows it was settled after all. Other keys flow at once.
+delivered one may still be owed. It reads those messages back by sequence to learn their keys. A message
+of such a key is then queued only once every owed message of the key with a lower sequence has been
+queued, or the ack floor shows it was settled after all; until then it is held. This covers newer
+messages and the redeliveries themselves, which JetStream sends in the order their ack_wait expired, not
+in stream order. Other keys flow at once.
 
 Retries stay in this process: the pool parks the key and the message is kept alive with `in_progress()`
 heartbeats; a `nak()` would let later messages of the key overtake it. Hand-backs (unsubscribe, shutdown)
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -55,8 +58,8 @@ _FETCH_WAIT = 0.5
 MAX_ACK_PENDING = 20_000
 #: Seconds during which a message id seen before is not stored again.
 DUPLICATE_WINDOW = 120.0
-#: Owed sequences a new subscription reads back; past this it holds every key until the floor passes them.
-_OWED_READ_LIMIT = 50_000
+#: Owed sequences read back in one crossing (pipelined requests).
+_READ_BACK_CHUNK = 1024
 #: Seconds between reads of the consumer's ack floor while keys are held.
 _FLOOR_POLL = 0.5
 
@@ -150,13 +153,11 @@ class PullSubscription:
         self.psub: Any = None
         #: Delivered and unsettled, by stream sequence (queued, parked, running or held).
         self.outstanding: dict[int, JetStreamDelivery] = {}
-        #: Sequences an earlier consumer left unsettled, in order, with their keys.
+        #: Sequences an earlier consumer may have left unsettled and not yet queued here, with their keys.
         self.owed: dict[int, str] = {}
-        self.owed_per_key: dict[str, int] = {}
-        #: Highest sequence delivered before this subscription started; later ones are new.
-        self.owed_until = 0
-        #: When the owed range was too long to read: hold every key until the ack floor reaches this.
-        self.hold_all_until = 0
+        #: The same per key, ascending; entries no longer in `owed` are dropped lazily.
+        self.owed_by_key: dict[str, deque[int]] = {}
+        #: Messages waiting for an owed message of their key with a lower sequence, per key.
         self.held: dict[str, list[JetStreamDelivery]] = {}
         self.last_seen = 0
         self.stopping = False
@@ -179,39 +180,38 @@ class PullSubscription:
         info = await trio_asyncio.aio_as_trio(js.consumer_info)(self.stream, self.durable)
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         delivered = info.delivered.stream_seq if info.delivered else 0
-        self.owed_until = self.last_seen = delivered
+        self.last_seen = delivered
         if info.num_ack_pending:
             await self._learn_owed(floor, delivered)
         await nursery.start(self._run)
 
     async def _learn_owed(self, floor: int, delivered: int) -> None:
-        if delivered - floor > _OWED_READ_LIMIT:
-            self.hold_all_until = delivered
+        if delivered - floor > MAX_ACK_PENDING:
             logger.warning(
-                "%s: an earlier consumer left up to %d message(s) unsettled, too many to read back; holding "
-                "every key until they are redelivered (at most ack_wait=%s s)",
+                "%s: reading back %d message(s) an earlier consumer may have left unsettled, to keep their "
+                "keys in order",
                 self.durable,
                 delivered - floor,
-                self.config.ack_wait,
                 extra={"topic": self.topic},
             )
-            return
-        stored = await trio_asyncio.aio_as_trio(_aio_get_messages)(
-            self.backend.js, self.stream, range(floor + 1, delivered + 1)
-        )
-        for seq, raw in stored:
-            key = self.inbox.key_of(message_from(self.topic, raw.data, raw.headers, 1))
-            if key is not None:
-                self.owed[seq] = key
-                self.owed_per_key[key] = self.owed_per_key.get(key, 0) + 1
+        seqs = range(floor + 1, delivered + 1)
+        for start in range(0, len(seqs), _READ_BACK_CHUNK):
+            stored = await trio_asyncio.aio_as_trio(_aio_get_messages)(
+                self.backend.js, self.stream, seqs[start : start + _READ_BACK_CHUNK]
+            )
+            for seq, raw in stored:
+                key = self.inbox.key_of(message_from(self.topic, raw.data, raw.headers, 1))
+                if key is not None:
+                    self.owed[seq] = key
+                    self.owed_by_key.setdefault(key, deque()).append(seq)
         if self.owed:
             logger.info(
                 "%s: an earlier consumer left messages %d..%d unsettled; holding %d key(s) until they are "
-                "redelivered (at most ack_wait=%s s)",
+                "redelivered in order (at most ack_wait=%s s)",
                 self.durable,
                 floor + 1,
                 delivered,
-                len(self.owed_per_key),
+                len(self.owed_by_key),
                 self.config.ack_wait,
                 extra={"topic": self.topic},
             )
@@ -231,7 +231,7 @@ class PullSubscription:
 
     async def _read(self) -> None:
         while not self.stopping:
-            if self.owed or self.hold_all_until:
+            if self.owed:
                 await self._poll_floor()
             if self._drained_far_enough():
                 await trio.sleep(0.02)
@@ -250,7 +250,7 @@ class PullSubscription:
 
     def _drained_far_enough(self) -> bool:
         """While draining: everything published before the drain began has been fetched."""
-        if self.drain_target is None or self.owed or self.hold_all_until:
+        if self.drain_target is None or self.owed:
             return False
         return self.last_seen >= max(self.drain_target, self.backend.published_seq(self.topic))
 
@@ -270,30 +270,32 @@ class PullSubscription:
             message = message_from(self.topic, m.data, m.headers, meta.num_delivered)
             delivery = JetStreamDelivery(self, m, seq, message)
             self.outstanding[seq] = delivery
+            if not self.owed_by_key:
+                ready.append(delivery)
+                continue
             key = self.owed.pop(seq, None)
-            if key is not None:
+            if key is None:
+                key = self.inbox.key_of(message)
+            if key is None or key not in self.owed_by_key:
                 ready.append(delivery)
-                ready.extend(self._paid(key))
-            elif seq > self.owed_until and (self.owed_per_key or self.hold_all_until or self.held):
-                key = self.inbox.key_of(delivery.message)
-                if key is not None and (self.hold_all_until or key in self.owed_per_key or key in self.held):
-                    self.held.setdefault(key, []).append(delivery)
-                else:
-                    ready.append(delivery)
-            else:
-                ready.append(delivery)
+                continue
+            self.held.setdefault(key, []).append(delivery)
+            ready.extend(self._release(key))
         return ready
 
-    def _paid(self, key: str) -> list[JetStreamDelivery]:
-        """One owed message of `key` is accounted for; return its held messages if it owes no more."""
-        left = self.owed_per_key[key] - 1
-        if left:
-            self.owed_per_key[key] = left
-            return []
-        del self.owed_per_key[key]
-        if self.hold_all_until:
-            return []
-        return self.held.pop(key, [])
+    def _release(self, key: str) -> list[JetStreamDelivery]:
+        """The held messages of `key` below its lowest sequence still owed, in order (all if none is)."""
+        owed = self.owed_by_key[key]
+        while owed and owed[0] not in self.owed:
+            owed.popleft()
+        held = sorted(self.held.pop(key, []), key=lambda d: d.seq)
+        if not owed:
+            del self.owed_by_key[key]
+            return held
+        free = [d for d in held if d.seq < owed[0]]
+        if len(free) < len(held):
+            self.held[key] = held[len(free) :]
+        return free
 
     async def _poll_floor(self) -> None:
         """Read the ack floor; owed messages below it were settled after all, so their keys go free."""
@@ -307,13 +309,8 @@ class PullSubscription:
             logger.debug("%s: consumer_info failed: %s", self.durable, exc)
             return
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
-        ready: list[JetStreamDelivery] = []
-        for seq in [s for s in self.owed if s <= floor]:
-            ready.extend(self._paid(self.owed.pop(seq)))
-        if self.hold_all_until and floor >= self.hold_all_until:
-            self.hold_all_until = 0
-            for key in [k for k in self.held if k not in self.owed_per_key]:
-                ready.extend(self.held.pop(key))
+        keys = {self.owed.pop(seq) for seq in [s for s in self.owed if s <= floor]}
+        ready = [d for key in keys for d in self._release(key)]
         if ready:
             ready.sort(key=lambda d: d.seq)
             await self.inbox.deliver(ready)
@@ -343,6 +340,8 @@ class PullSubscription:
             delivery.settled = True
         self.outstanding.clear()
         self.held.clear()
+        self.owed.clear()
+        self.owed_by_key.clear()
         return [d.raw for d in naks]
 
     async def stop(self) -> None:
@@ -374,7 +373,7 @@ class PullSubscription:
         delivered = info.delivered.stream_seq if info.delivered else 0
         if self.drain_target is None:
             self.drain_target = delivered + (info.num_pending or 0)
-        if self.outstanding or self.owed or self.hold_all_until:
+        if self.outstanding or self.owed:
             return False
         if not info.num_pending and not info.num_ack_pending:
             return True
@@ -398,15 +397,13 @@ async def _aio_get_messages(js: Any, stream: str, seqs: Iterable[int]) -> list[t
     """
     found: list[tuple[int, Any]] = []
     todo = list(seqs)
-    for start in range(0, len(todo), FETCH_BATCH):
-        chunk = todo[start : start + FETCH_BATCH]
-        results = await asyncio.gather(*(js.get_msg(stream, seq) for seq in chunk), return_exceptions=True)
-        for seq, result in zip(chunk, results, strict=True):
-            if isinstance(result, nats.js.errors.NotFoundError):
-                continue
-            if isinstance(result, BaseException):
-                raise result
-            found.append((seq, result))
+    results = await asyncio.gather(*(js.get_msg(stream, seq) for seq in todo), return_exceptions=True)
+    for seq, result in zip(todo, results, strict=True):
+        if isinstance(result, nats.js.errors.NotFoundError):
+            continue
+        if isinstance(result, BaseException):
+            raise result
+        found.append((seq, result))
     return found
 
 
