@@ -86,7 +86,8 @@ class _CoreSubscription:
             self._stopped.set()
 
     def idle(self) -> bool:
-        return not self.state.buffer and not self.in_hand
+        pending = self.aio_sub.pending_msgs if self.aio_sub is not None else 0
+        return not pending and not self.state.buffer and not self.in_hand
 
     async def stop(self) -> None:
         self._scope.cancel()
@@ -119,7 +120,9 @@ class NatsBackend:
         self._pull_subs: set[PullSubscription] = set()
         #: Highest stream sequence our own publishes got, per topic (drain waits for those too).
         self._published: dict[str, int] = {}
+        #: Publishes queued so far: the drain is settled only if none was queued since it last checked.
         self._publish_count = 0
+        self._pumping = False
         self._settled_at = -1
         self.closing = False
 
@@ -164,11 +167,15 @@ class NatsBackend:
     async def publish(
         self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str], message_id: str
     ) -> None:
-        if config.persistent:
-            await self._ensure_stream(topic, config)
-            headers = {**headers, MSG_ID_HEADER: message_id}
-        request = _Publish(topic, data, headers, config.persistent)
+        if not config.persistent:
+            # Core NATS: "sent" means handed to the connection, as in nats-py; the pump sends it in a batch.
+            await self._pub_send.send(self._core_publish(topic, data, headers))
+            self._publish_count += 1
+            return
+        await self._ensure_stream(topic, config)
+        request = _Publish(topic, data, {**headers, MSG_ID_HEADER: message_id}, True)
         await self._pub_send.send(request)
+        self._publish_count += 1
         await request.done.wait()
         if request.error is not None:
             raise request.error
@@ -181,7 +188,17 @@ class NatsBackend:
                 f"publish_nowait cannot wait for JetStream's store ack on persistent topic {topic!r}: "
                 "use 'await bus.publish(...)'"
             )
-        self._pub_send.send_nowait(_Publish(topic, data, headers, False))
+        self._pub_send.send_nowait(self._core_publish(topic, data, headers))
+        self._publish_count += 1
+
+    def _core_publish(self, topic: str, data: bytes, headers: dict[str, str]) -> _Publish:
+        limit = int(self._nc.max_payload)
+        if len(data) > limit:
+            raise PublishError(
+                f"message for {topic!r} has {len(data)} bytes, more than the server's max_payload "
+                f"({limit}): send a reference to the data, or raise max_payload in nats-server's config"
+            )
+        return _Publish(topic, data, headers, False)
 
     def published_seq(self, topic: str) -> int:
         """The highest stream sequence our own publishes to `topic` were stored at (0: none)."""
@@ -196,14 +213,22 @@ class NatsBackend:
                     batch.append(self._pub_recv.receive_nowait())
                 except trio.WouldBlock:
                     break
-            results = await trio_asyncio.aio_as_trio(self._aio_publish)(batch)
-            self._publish_count += len(batch)
-            for request, result in zip(batch, results, strict=True):
-                if isinstance(result, int):
-                    self._published[request.topic] = max(self._published.get(request.topic, 0), result)
-                else:
-                    request.error = result
-                request.done.set()
+            self._pumping = True
+            try:
+                results = await trio_asyncio.aio_as_trio(self._aio_publish)(batch)
+            finally:
+                self._pumping = False
+            self._finish_publishes(batch, results)
+
+    def _finish_publishes(self, batch: list[_Publish], results: list[BaseException | int]) -> None:
+        for request, result in zip(batch, results, strict=True):
+            if isinstance(result, int):
+                self._published[request.topic] = max(self._published.get(request.topic, 0), result)
+            elif request.persistent:
+                request.error = result
+            else:  # nobody waits for a core publish: say it, never drop it silently
+                logger.error("could not send a message to %s: %s", request.topic, result)
+            request.done.set()
 
     async def _aio_publish(self, batch: list[_Publish]) -> list[BaseException | int]:
         """Publish a batch; each result is the stored sequence (0 on core NATS) or the error."""
@@ -226,8 +251,6 @@ class NatsBackend:
                     results[index] = _publish_error(batch[index].topic, ack)
                 else:
                     results[index] = int(ack.seq)
-        else:
-            await self._nc.flush()
         return results
 
     # -- subscribing ----------------------------------------------------------------------------------
@@ -252,6 +275,14 @@ class NatsBackend:
             await sub.start(group, self._nursery)
             self._core_subs.add(sub)
         return sub
+
+    def slow_consumer(self, sid: int) -> None:
+        """nats-py dropped a message for subscription `sid` (its pending buffer was full): count it."""
+        for sub in self._core_subs:
+            if sub.aio_sub is not None and sub.aio_sub._id == sid:
+                sub.inbox.dropped(1, "nats-py's pending buffer for the subscription was full")
+                return
+        logger.warning("nats-py dropped a message for subscription %s (slow consumer)", sid)
 
     def forget(self, sub: PullSubscription | _CoreSubscription) -> None:
         """A detached subscription: the drain no longer waits for it."""
@@ -308,6 +339,9 @@ class NatsBackend:
         Messages others publish after the drain began are left for the next consumer.
         """
         while True:
+            if self._pumping or self._pub_recv.statistics().current_buffer_used:
+                await trio.sleep(0.01)  # our own publishes first: they may go to a subscribed topic
+                continue
             count = self._publish_count
             try:
                 # After the PONG, all the server sent us before is in our buffers.
@@ -334,7 +368,14 @@ class NatsBackend:
         self.closing = True
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             try:
-                # The pumps are stopped by now: send directly, queued settles first.
+                # The pumps are stopped by now: send what they still held directly.
+                unsent: list[_Publish] = []
+                with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                    while True:
+                        unsent.append(self._pub_recv.receive_nowait())
+                if unsent:
+                    results = await trio_asyncio.aio_as_trio(self._aio_publish)(unsent)
+                    self._finish_publishes(unsent, results)
                 naks = [(raw, "nak") for sub in self._pull_subs for raw in sub.unsettled()]
                 if naks:
                     logger.warning("handing %d unsettled message(s) back to JetStream", len(naks))
@@ -396,6 +437,9 @@ async def connect(
     attempt = trio.CancelScope(deadline=trio.current_time() + connect_timeout)
 
     async def on_error(exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError) and backend is not None:
+            backend.slow_consumer(exc.sid)
+            return
         text = _scrub(f"{type(exc).__name__}: {exc}", secrets)
         if _is_auth_error(exc):
             # Retrying cannot fix wrong credentials: stop the initial connect now, say why.
