@@ -1,4 +1,4 @@
-"""Sessions: tests (every installed CPython 3.10-3.13), lint, typecheck, examples, torture."""
+"""Sessions: tests (every installed CPython 3.10-3.13), lint, typecheck, examples, torture, bench."""
 
 from __future__ import annotations
 
@@ -55,3 +55,10 @@ def torture(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     session.run("python", "benchmarks/torture.py", "--backend", "jetstream", *session.posargs)
     session.run("python", "benchmarks/torture.py", "--backend", "memory", *session.posargs)
+
+
+@nox.session(python=DEFAULT)
+def bench(session: nox.Session) -> None:
+    """Every benchmark scenario of BENCH.md at full size (pass --quick for the CI size, --only NAME)."""
+    session.install("-e", ".[test]")
+    session.run("python", "benchmarks/bench.py", *session.posargs)
