@@ -152,6 +152,8 @@ class _Consumer(Generic[T]):
         pool = self.bus._pool
         for delivery in batch:
             item = self._item(delivery)
+            if pool.dispatch_nowait(item):
+                continue
             if not self.ephemeral:
                 await pool.dispatch(item)
                 continue
@@ -159,6 +161,7 @@ class _Consumer(Generic[T]):
                 await pool.dispatch(item)
                 continue
             self.dropped(1, f"no room in worker queue within wait_timeout={pool.config.wait_timeout} s")
+        await trio.lowlevel.checkpoint()
 
     def dropped(self, count: int, why: str) -> None:
         self.bus._counters.dropped += count
@@ -245,7 +248,7 @@ class _Consumer(Generic[T]):
 
     def finished(self) -> None:
         self.running -= 1
-        if not self.running:
+        if not self.running and self._idle:
             self._idle.unpark_all()
 
     async def wait_no_handler_running(self) -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import itertools
 import logging
-import math
 from collections import deque
 from typing import Protocol
 
@@ -97,7 +97,9 @@ class KeyedWorkerPool:
     def __init__(self, config: PoolConfig, counters: Counters) -> None:
         self.config = config
         self.counters = counters
-        pairs = [trio.open_memory_channel[AggregateMessage](config.queue_size) for _ in range(config.workers)]
+        # None in a queue only wakes its worker (see release_parked).
+        size = config.queue_size
+        pairs = [trio.open_memory_channel[AggregateMessage | None](size) for _ in range(config.workers)]
         self._send = [s for s, _ in pairs]
         self._receive = [r for _, r in pairs]
         self._keyless_slots = trio.Semaphore(config.workers)
@@ -108,6 +110,7 @@ class KeyedWorkerPool:
         self._tick = itertools.count()  # tie-breaker so the timer heap never compares keys
         # A worker waiting for its queue can be woken to hand back the parked keys of a gone subscription.
         self._waits: list[trio.CancelScope | None] = [None] * config.workers
+        self._receiving = [False] * config.workers
         self._sweep = [False] * config.workers
         self.done = trio.Event()
 
@@ -142,6 +145,10 @@ class KeyedWorkerPool:
             self._sweep[index] = True
             if scope is not None:
                 scope.cancel()
+            elif self._receiving[index]:
+                # Its queue is empty (it waits on it), so there is room for the wake-up.
+                with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                    self._send[index].send_nowait(None)
 
     @property
     def unfinished(self) -> int:
@@ -177,26 +184,43 @@ class KeyedWorkerPool:
             self._items += 1
             self._nursery.start_soon(self._keyless, item)
             return
-        send = self._send[fnv1a_32(item.key) % self.config.workers]
-        # Counted before the send: once sent, the worker may settle it before this task runs again.
+        if not self.dispatch_nowait(item):
+            send = self._send[fnv1a_32(item.key) % self.config.workers]
+            # Counted before the send: once sent, the worker may settle it before this task runs again.
+            self._items += 1
+            try:
+                await send.send(item)
+            except BaseException:
+                self._settled()
+                raise
+
+    def dispatch_nowait(self, item: AggregateMessage) -> bool:
+        """Queue a keyed `item` if its worker's queue has room; return False (not queued) if not.
+
+        Raises trio.ClosedResourceError after `close()`.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("the worker pool is closed")
+        if item.key is None:
+            return False
         self._items += 1
         try:
-            try:
-                send.send_nowait(item)
-            except trio.WouldBlock:
-                await send.send(item)
-        except BaseException:
+            self._send[fnv1a_32(item.key) % self.config.workers].send_nowait(item)
+        except trio.WouldBlock:
             self._settled()
-            raise
+            return False
+        return True
 
     # -- running ------------------------------------------------------------------------------------------
 
     def _settled(self) -> None:
         self._items -= 1
-        if not self._items:
+        if not self._items and self._idle:
             self._idle.unpark_all()
 
-    async def _worker(self, index: int, receive: trio.MemoryReceiveChannel[AggregateMessage]) -> None:
+    async def _worker(
+        self, index: int, receive: trio.MemoryReceiveChannel[AggregateMessage | None]
+    ) -> None:
         parked: dict[tuple[Consumer, str], _Parked] = {}
         timers: list[tuple[float, int, tuple[Consumer, str]]] = []
         closed = False
@@ -224,31 +248,56 @@ class KeyedWorkerPool:
                             self._waits[index] = None
                     continue
                 item: AggregateMessage | None = None
-                # Only the receive sits inside the deadline scope: a handler must never be cut short by it.
-                with trio.move_on_at(timers[0][0] if timers else math.inf) as wait:
-                    self._waits[index] = wait
+                # WouldBlock and EndOfChannel are both handled by the wait below.
+                with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                    item = receive.receive_nowait()
+                if item is not None:
+                    await trio.lowlevel.checkpoint()  # a busy worker still lets others run
+                    await self._take(item, parked, timers)
+                    continue
+                if not timers:
+                    # The common case: no deadline, so no cancel scope (one per message adds up).
+                    self._receiving[index] = True
                     try:
                         item = await receive.receive()
                     except trio.EndOfChannel:
                         closed = True
                     finally:
-                        self._waits[index] = None
-                if item is None:
-                    continue
-                assert item.key is not None, "keyless items never reach a worker"
-                pkey = (item.consumer, item.key)
-                waiting = parked.get(pkey)
-                if waiting is not None:
-                    waiting.items.append(item)
-                    self.counters.waiting += 1
-                    continue
-                delay = await self._attempt(item)
-                if delay is not None:
-                    due = trio.current_time() + delay
-                    parked[pkey] = _Parked(deque([item]), due)
-                    self.counters.waiting += 1
-                    self.counters.parked_keys += 1
-                    heapq.heappush(timers, (due, next(self._tick), pkey))
+                        self._receiving[index] = False
+                else:
+                    # Only the receive sits inside the deadline scope: a handler is never cut short by it.
+                    with trio.move_on_at(timers[0][0]) as wait:
+                        self._waits[index] = wait
+                        try:
+                            item = await receive.receive()
+                        except trio.EndOfChannel:
+                            closed = True
+                        finally:
+                            self._waits[index] = None
+                if item is not None:
+                    await self._take(item, parked, timers)
+
+    async def _take(
+        self,
+        item: AggregateMessage,
+        parked: dict[tuple[Consumer, str], _Parked],
+        timers: list[tuple[float, int, tuple[Consumer, str]]],
+    ) -> None:
+        """Run a newly queued item, or park it behind its key's failed message."""
+        assert item.key is not None, "keyless items never reach a worker"
+        pkey = (item.consumer, item.key)
+        waiting = parked.get(pkey)
+        if waiting is not None:
+            waiting.items.append(item)
+            self.counters.waiting += 1
+            return
+        delay = await self._attempt(item)
+        if delay is not None:
+            due = trio.current_time() + delay
+            parked[pkey] = _Parked(deque([item]), due)
+            self.counters.waiting += 1
+            self.counters.parked_keys += 1
+            heapq.heappush(timers, (due, next(self._tick), pkey))
 
     async def _resume(
         self,

@@ -100,8 +100,10 @@ class _Topic:
         if message_id:
             self.recent_ids[message_id] = now
             self.recent_order.append((now, message_id))
-        self.arrived.unpark_all()
-        self.changed.unpark_all()
+        if self.arrived:
+            self.arrived.unpark_all()
+        if self.changed:
+            self.changed.unpark_all()
 
     def trim(self, now: float) -> None:
         """Drop what every group has acked, and what is older than max_age."""
@@ -118,7 +120,8 @@ class _Topic:
             if expired:
                 for group in self.groups.values():
                     group.skip_to(self.first_seq)
-        self.room.unpark_all()
+        if self.room:
+            self.room.unpark_all()
 
 
 class _Group:
@@ -182,14 +185,16 @@ class _Group:
             advanced = True
         if advanced:
             self.topic.trim(trio.current_time())
-        self.topic.changed.unpark_all()
+        if self.topic.changed:
+            self.topic.changed.unpark_all()
 
     def detach(self) -> None:
         """Hand every unsettled message back, in log order, for the group's next subscriber."""
         self.generation += 1
         self.redeliver = deque(sorted(set(self.outstanding) | set(self.redeliver)))
         self.subscribed = False
-        self.topic.changed.unpark_all()
+        if self.topic.changed:
+            self.topic.changed.unpark_all()
 
 
 class _PersistentSubscription:
@@ -357,7 +362,8 @@ class MemoryBackend:
                         except trio.WouldBlock:
                             break
                     await sub.inbox.deliver(batch)
-                    self._changed.unpark_all()
+                    if self._changed:
+                        self._changed.unpark_all()
         finally:
             sub.stopped.set()
 

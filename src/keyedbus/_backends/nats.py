@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -51,22 +50,19 @@ class _Publish:
 
 
 class _CoreSubscription:
-    """A core-NATS subscription: nats-py buffers on the asyncio side, a trio task takes whole batches."""
+    """A core-NATS subscription: nats-py queues on the asyncio side, a trio task takes whole batches."""
 
     def __init__(self, backend: NatsBackend, topic: str, inbox: Inbox) -> None:
         self.backend = backend
         self.topic = topic
         self.inbox = inbox
-        self.state = _CoreState()
         self.aio_sub: Any = None
         self.in_hand = 0
         self._scope = trio.CancelScope()
         self._stopped = trio.Event()
 
     async def start(self, group: str, nursery: trio.Nursery) -> None:
-        self.aio_sub = await trio_asyncio.aio_as_trio(self.backend._aio_core_subscribe)(
-            self.topic, group, self.state
-        )
+        self.aio_sub = await trio_asyncio.aio_as_trio(self.backend._aio_core_subscribe)(self.topic, group)
         await nursery.start(self._read)
 
     async def _read(self, *, task_status: trio.TaskStatus[None]) -> None:
@@ -74,9 +70,7 @@ class _CoreSubscription:
             with self._scope:
                 task_status.started()
                 while True:
-                    raw, dropped = await trio_asyncio.aio_as_trio(self.state.take)()
-                    if dropped:
-                        self.inbox.dropped(dropped, "the subscription's buffer was full")
+                    raw = await trio_asyncio.aio_as_trio(_aio_take)(self.aio_sub)
                     self.in_hand = len(raw)
                     await self.inbox.deliver(
                         [AtMostOnceDelivery(message_from(self.topic, m.data, m.headers, 1)) for m in raw]
@@ -87,7 +81,7 @@ class _CoreSubscription:
 
     def idle(self) -> bool:
         pending = self.aio_sub.pending_msgs if self.aio_sub is not None else 0
-        return not pending and not self.state.buffer and not self.in_hand
+        return not pending and not self.in_hand
 
     async def stop(self) -> None:
         self._scope.cancel()
@@ -289,8 +283,10 @@ class NatsBackend:
         self._pull_subs.discard(sub)
         self._core_subs.discard(sub)
 
-    async def _aio_core_subscribe(self, topic: str, group: str, state: _CoreState) -> Any:
-        sub = await self._nc.subscribe(topic, queue=group, cb=state.on_message)
+    async def _aio_core_subscribe(self, topic: str, group: str) -> Any:
+        # No callback: nats-py queues messages (up to _CORE_BUFFER, then counts a slow-consumer drop) and
+        # _aio_take empties the queue in batches.
+        sub = await self._nc.subscribe(topic, queue=group, pending_msgs_limit=_CORE_BUFFER)
         await self._nc.flush()  # the server knows the interest before subscribe returns
         return sub
 
@@ -387,28 +383,21 @@ class NatsBackend:
                 logger.warning("closing the NATS connection to %s failed: %s", safe_url(self._url), exc)
 
 
-class _CoreState:
-    """The asyncio side of one core subscription: a bounded buffer the trio reader empties in batches."""
+async def _aio_take(sub: Any) -> list[Any]:
+    """Wait for messages on a core subscription and take up to a batch: one asyncio step per batch.
 
-    def __init__(self) -> None:
-        self.buffer: deque[Any] = deque()
-        self.dropped = 0
-        self.event = asyncio.Event()
-
-    async def on_message(self, msg: Any) -> None:
-        if len(self.buffer) >= _CORE_BUFFER:
-            self.dropped += 1
-            return
-        self.buffer.append(msg)
-        self.event.set()
-
-    async def take(self) -> tuple[list[Any], int]:
-        await self.event.wait()
-        self.event.clear()
-        batch = list(self.buffer)
-        self.buffer.clear()
-        dropped, self.dropped = self.dropped, 0
-        return batch, dropped
+    nats-py has no batch API, so this reads its pending queue (a subscription made without a callback only
+    fills that queue) and keeps its byte count, exactly as its own next_msg() does.
+    """
+    queue = sub._pending_queue
+    batch = [await queue.get()]
+    while len(batch) < _BATCH:
+        try:
+            batch.append(queue.get_nowait())
+        except asyncio.QueueEmpty:
+            break
+    sub._pending_size -= sum(len(m.data) for m in batch)
+    return batch
 
 
 def _publish_error(topic: str, exc: BaseException) -> KeyedBusError:
