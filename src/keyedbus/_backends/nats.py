@@ -201,12 +201,7 @@ class NatsBackend:
     async def _publish_pump(self) -> None:
         """Cross into asyncio once per batch of publishes; JetStream publishes in a batch are pipelined."""
         async for first in self._pub_recv:
-            batch = [first]
-            while len(batch) < _BATCH:
-                try:
-                    batch.append(self._pub_recv.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            batch = await _gather(self._pub_recv, first)
             self._pumping = True
             try:
                 results = await trio_asyncio.aio_as_trio(self._aio_publish)(batch)
@@ -381,6 +376,27 @@ class NatsBackend:
                 await trio_asyncio.aio_as_trio(self._nc.close)()
             except Exception as exc:
                 logger.warning("closing the NATS connection to %s failed: %s", safe_url(self._url), exc)
+
+
+async def _gather(receive: trio.MemoryReceiveChannel[_Publish], first: _Publish) -> list[_Publish]:
+    """A batch for one crossing: take what is queued, and while publishers keep adding, let them add more.
+
+    A crossing costs as much as tens of publishes, so a batch of one is the slow case. Yielding once per
+    round lets every ready publisher queue one more message; it stops as soon as a round adds nothing
+    (a lone publish waits four scheduling rounds, not a timer).
+    """
+    batch = [first]
+    idle_rounds = 0
+    # Several empty rounds, not one: trio runs the ready tasks of a round in random order, so the pump may
+    # look before a ready publisher had its turn.
+    while len(batch) < _BATCH and idle_rounds < 4:
+        try:
+            batch.append(receive.receive_nowait())
+            idle_rounds = 0
+        except trio.WouldBlock:
+            idle_rounds += 1
+            await trio.lowlevel.checkpoint()
+    return batch
 
 
 async def _aio_take(sub: Any) -> list[Any]:
