@@ -218,9 +218,7 @@ class KeyedWorkerPool:
         if not self._items and self._idle:
             self._idle.unpark_all()
 
-    async def _worker(
-        self, index: int, receive: trio.MemoryReceiveChannel[AggregateMessage | None]
-    ) -> None:
+    async def _worker(self, index: int, receive: trio.MemoryReceiveChannel[AggregateMessage | None]) -> None:
         parked: dict[tuple[Consumer, str], _Parked] = {}
         timers: list[tuple[float, int, tuple[Consumer, str]]] = []
         closed = False

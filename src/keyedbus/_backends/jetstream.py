@@ -17,6 +17,7 @@ heartbeats; a `nak()` would let later messages of the key overtake it. Hand-back
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import deque
 from collections.abc import Iterable
@@ -95,6 +96,7 @@ def stream_config(topic: str, config: TopicConfig) -> Any:
 
 def _consumer_config(durable: str, config: TopicConfig) -> Any:
     return nats.js.api.ConsumerConfig(
+        name=durable,
         durable_name=durable,
         ack_policy=nats.js.api.AckPolicy.EXPLICIT,
         ack_wait=config.ack_wait,
@@ -150,7 +152,7 @@ class PullSubscription:
         self.inbox = inbox
         self.stream = stream_name(topic)
         self.durable = consumer_name(topic, group)
-        self.psub: Any = None
+        self.puller = _Puller(backend.nc, backend.js, self.stream, self.durable)
         #: Delivered and unsettled, by stream sequence (queued, parked, running or held).
         self.outstanding: dict[int, JetStreamDelivery] = {}
         #: Sequences an earlier consumer may have left unsettled and not yet queued here, with their keys.
@@ -169,15 +171,8 @@ class PullSubscription:
     # -- starting ---------------------------------------------------------------------------------------
 
     async def start(self, nursery: trio.Nursery) -> None:
-        """Bind the durable consumer, learn what an earlier consumer still owes, start reading."""
-        js = self.backend.js
-        self.psub = await trio_asyncio.aio_as_trio(js.pull_subscribe)(
-            self.topic,
-            durable=self.durable,
-            stream=self.stream,
-            config=_consumer_config(self.durable, self.config),
-        )
-        info = await trio_asyncio.aio_as_trio(js.consumer_info)(self.stream, self.durable)
+        """Create or bind the durable consumer, learn what an earlier consumer still owes, start reading."""
+        info = await trio_asyncio.aio_as_trio(self.puller.open)(_consumer_config(self.durable, self.config))
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         delivered = info.delivered.stream_seq if info.delivered else 0
         self.last_seen = delivered
@@ -237,7 +232,7 @@ class PullSubscription:
                 await trio.sleep(0.02)
                 continue
             try:
-                raw = await trio_asyncio.aio_as_trio(_aio_fetch)(self.psub)
+                raw = await trio_asyncio.aio_as_trio(self.puller.take)()
             except Exception as exc:  # the connection is down or the server restarts: nats-py reconnects
                 logger.warning("%s: fetch failed (%s: %s); retrying", self.durable, type(exc).__name__, exc)
                 await trio.sleep(_FETCH_WAIT)
@@ -334,7 +329,8 @@ class PullSubscription:
         self.backend.queue_settles([(delivery.raw, how)])
 
     def unsettled(self) -> list[Any]:
-        """Mark every outstanding message settled and return them oldest first, for a nak."""
+        """Mark every outstanding message settled and return them oldest first, for a nak (with any that
+        arrived but were never taken)."""
         naks = [d for _, d in sorted(self.outstanding.items())]
         for delivery in naks:
             delivery.settled = True
@@ -342,7 +338,7 @@ class PullSubscription:
         self.held.clear()
         self.owed.clear()
         self.owed_by_key.clear()
-        return [d.raw for d in naks]
+        return [d.raw for d in naks] + self.puller.leftovers()
 
     async def stop(self) -> None:
         """Stop fetching: let the fetch in flight end (so nothing is left in a dead pull request)."""
@@ -359,7 +355,7 @@ class PullSubscription:
         """
         self.backend.forget(self)
         try:
-            await trio_asyncio.aio_as_trio(self.psub.unsubscribe)()
+            await trio_asyncio.aio_as_trio(self.puller.close)()
         except Exception as exc:  # the connection may be gone; the server forgets the interest then too
             logger.debug("unsubscribe failed: %s", exc)
         await self.backend.settle_now([(raw, "nak") for raw in self.unsettled()])
@@ -383,11 +379,82 @@ class PullSubscription:
         return not self.outstanding
 
 
-async def _aio_fetch(psub: Any) -> list[Any]:
-    try:
-        return list(await psub.fetch(FETCH_BATCH, timeout=_FETCH_WAIT))
-    except (nats.errors.TimeoutError, asyncio.TimeoutError):
-        return []
+class _Puller:
+    """Pull requests and their replies on the asyncio side, handed over in batches.
+
+    nats-py's fetch() awaits every message separately (a timer and a task each), which under
+    trio-asyncio costs far more than the message. This sends the pull request itself and reads the
+    replies from its own inbox subscription's queue, a batch per asyncio step.
+    """
+
+    def __init__(self, nc: Any, js: Any, stream: str, durable: str) -> None:
+        self._nc = nc
+        self._js = js
+        self._stream = stream
+        self._durable = durable
+        self._next = f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._inbox = nc.new_inbox()
+        self._sub: Any = None
+        self._open = 0  # messages the outstanding pull request may still bring
+        self._deadline = 0.0
+
+    async def open(self, config: Any) -> Any:
+        """Create (or update) the durable consumer and subscribe to our inbox; return the consumer info."""
+        try:
+            await self._js.add_consumer(self._stream, config=config)
+        except nats.js.errors.BadRequestError as exc:
+            # An existing consumer whose settings cannot change in place: use it as it is.
+            logger.warning("%s: kept the existing consumer settings: %s", self._durable, exc)
+        self._sub = await self._nc.subscribe(self._inbox, pending_msgs_limit=4 * FETCH_BATCH)
+        return await self._js.consumer_info(self._stream, self._durable)
+
+    async def take(self) -> list[Any]:
+        """The next messages (at least one), or [] when a pull request ended with none."""
+        loop = asyncio.get_running_loop()
+        if self._open <= 0 or loop.time() > self._deadline:
+            request = {"batch": FETCH_BATCH, "expires": int(_FETCH_WAIT * 1e9)}
+            await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
+            self._open = FETCH_BATCH
+            self._deadline = loop.time() + _FETCH_WAIT + 1.0  # grace: a request lost in a reconnect
+        queue = self._sub._pending_queue
+        try:
+            first = await asyncio.wait_for(queue.get(), self._deadline - loop.time())
+        except asyncio.TimeoutError:
+            self._open = 0
+            return []
+        items = [first]
+        while True:
+            try:
+                items.append(queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        self._sub._pending_size -= sum(len(m.data) for m in items)
+        messages = []
+        for m in items:
+            status = m.headers.get("Status") if m.headers else None
+            if status is None:
+                messages.append(m)
+                self._open -= 1
+            elif status != "100":  # 404 no messages, 408 expired, 409 and the like: the request is over
+                self._open = 0
+        return messages
+
+    async def close(self) -> list[Any]:
+        """Unsubscribe; return messages that arrived for a request after the last take (to hand back)."""
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+        return self.leftovers()
+
+    def leftovers(self) -> list[Any]:
+        """Take the messages that arrived but were never taken (delivered to us: they must be handed back)."""
+        late: list[Any] = []
+        if self._sub is not None:
+            queue = self._sub._pending_queue
+            while not queue.empty():
+                m = queue.get_nowait()
+                if not (m.headers and m.headers.get("Status")):
+                    late.append(m)
+        return late
 
 
 async def _aio_get_messages(js: Any, stream: str, seqs: Iterable[int]) -> list[tuple[int, Any]]:

@@ -100,6 +100,7 @@ class NatsBackend:
 
     def __init__(self, nc: Any, nursery: trio.Nursery, url: str) -> None:
         self._nc = nc
+        self.nc = nc
         self.js = nc.jetstream()
         self._nursery = nursery
         self._url = url
@@ -201,9 +202,9 @@ class NatsBackend:
     async def _publish_pump(self) -> None:
         """Cross into asyncio once per batch of publishes; JetStream publishes in a batch are pipelined."""
         async for first in self._pub_recv:
-            batch = await _gather(self._pub_recv, first)
-            self._pumping = True
+            self._pumping = True  # from the first taken message: the drain must wait for the whole batch
             try:
+                batch = await _gather(self._pub_recv, first)
                 results = await trio_asyncio.aio_as_trio(self._aio_publish)(batch)
             finally:
                 self._pumping = False
