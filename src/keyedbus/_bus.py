@@ -163,6 +163,11 @@ class _Consumer(Generic[T]):
             self.dropped(1, f"no room in worker queue within wait_timeout={pool.config.wait_timeout} s")
         await trio.lowlevel.checkpoint()
 
+    def deliver_nowait(self, delivery: Delivery) -> bool:
+        if not self.active or self.bus._pool.closed:
+            return False
+        return self.bus._pool.dispatch_nowait(self._item(delivery))
+
     def dropped(self, count: int, why: str) -> None:
         self.bus._counters.dropped += count
         logger.warning(

@@ -136,6 +136,11 @@ class KeyedWorkerPool:
         for send in self._send:
             send.close()
 
+    @property
+    def closed(self) -> bool:
+        """True once `close()` was called: nothing more can be dispatched."""
+        return self._closed
+
     def release_parked(self) -> None:
         """Hand back at once the parked messages of subscriptions that are no longer active.
 

@@ -56,6 +56,10 @@ class Inbox(Protocol):
         If cancelled, a prefix of `batch` has been queued and the rest must be treated as never delivered.
         """
 
+    def deliver_nowait(self, delivery: Delivery) -> bool:
+        """Queue one delivery if there is room now; False (nothing queued) if `deliver` must be used."""
+        ...
+
     def dropped(self, count: int, why: str) -> None:
         """Record `count` ephemeral messages that were dropped (at-most-once topics only)."""
 

@@ -100,7 +100,9 @@ class _Topic:
         if message_id:
             self.recent_ids[message_id] = now
             self.recent_order.append((now, message_id))
-        if self.arrived:
+        # Straight into the pool for every group whose reader waits with nothing else to deliver: saves
+        # the reader a wake-up and a hop per message. Any group that cannot take it that way is woken.
+        if self.arrived and not all(g.offer() for g in self.groups.values() if g.reader_waiting):
             self.arrived.unpark_all()
         if self.changed:
             self.changed.unpark_all()
@@ -137,6 +139,8 @@ class _Group:
         self.redeliver: deque[int] = deque()
         self.generation = 0
         self.subscribed = False
+        self.inbox: Inbox | None = None
+        self.reader_waiting = False  # its reader is parked, waiting for a new message
 
     def settled(self) -> bool:
         return not self.outstanding and not self.redeliver and self.cursor >= self.topic.next_seq
@@ -171,6 +175,17 @@ class _Group:
             )
             out.append(_Delivery(self, seq, self.generation, message))
         return out
+
+    def offer(self) -> bool:
+        """Deliver the message just appended without waking the reader; False if it must do it."""
+        if self.inbox is None or self.redeliver or self.cursor != self.topic.next_seq - 1:
+            return False
+        [delivery] = self.take(1)
+        if self.inbox.deliver_nowait(delivery):
+            return True
+        self.cursor -= 1  # not queued: as if never taken, the reader delivers it
+        del self.outstanding[delivery.seq]
+        return False
 
     def settle(self, delivery: _Delivery) -> None:
         seq = delivery.seq
@@ -270,10 +285,11 @@ class MemoryBackend:
         self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str], message_id: str
     ) -> None:
         t = self._topic(topic, config)
-        if t.config.persistent:
+        if t.config.persistent and t.full(len(data)):
             while t.full(len(data)):
                 await t.room.park()
         else:
+            # Every trio async call is a checkpoint: a burst of publishes must let the consumers run.
             await trio.lowlevel.checkpoint()
         self._publish_now(t, data, headers, message_id)
 
@@ -338,14 +354,20 @@ class MemoryBackend:
         try:
             with scope:
                 task_status.started()
+                group.inbox = inbox
                 while True:
                     batch = group.take(_BATCH)
                     if not batch:
-                        await group.topic.arrived.park()
+                        group.reader_waiting = True
+                        try:
+                            await group.topic.arrived.park()
+                        finally:
+                            group.reader_waiting = False
                         continue
                     await inbox.deliver(batch)
                     await trio.lowlevel.checkpoint()
         finally:
+            group.inbox = None
             stopped.set()
 
     async def _ephemeral_reader(
