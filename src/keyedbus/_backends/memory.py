@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -67,7 +68,6 @@ class _Topic:
         self.groups: dict[str, _Group] = {}
         self.ephemeral_subs: list[_EphemeralSubscription] = []
         self.room = trio.lowlevel.ParkingLot()
-        self.arrived = trio.lowlevel.ParkingLot()
         self.changed = changed
         self.recent_ids: dict[str, float] = {}
         self.recent_order: deque[tuple[float, str]] = deque()
@@ -100,10 +100,8 @@ class _Topic:
         if message_id:
             self.recent_ids[message_id] = now
             self.recent_order.append((now, message_id))
-        # Straight into the pool for every group whose reader waits with nothing else to deliver: saves
-        # the reader a wake-up and a hop per message. Any group that cannot take it that way is woken.
-        if self.arrived and not all(g.offer() for g in self.groups.values() if g.reader_waiting):
-            self.arrived.unpark_all()
+        for group in self.groups.values():
+            group.wake()
         if self.changed:
             self.changed.unpark_all()
 
@@ -139,8 +137,12 @@ class _Group:
         self.redeliver: deque[int] = deque()
         self.generation = 0
         self.subscribed = False
-        self.inbox: Inbox | None = None
-        self.reader_waiting = False  # its reader is parked, waiting for a new message
+        self.inbox: Inbox | None = None  # set while subscribed and not stopped
+        self.start_reader: Callable[[_Group], None] | None = None
+        # A reader task runs only while the group has more than the pool takes at once: an idle
+        # subscription costs no task (flat cost with many topics).
+        self.reader_scope: trio.CancelScope | None = None
+        self.reader_done = trio.Event()
 
     def settled(self) -> bool:
         return not self.outstanding and not self.redeliver and self.cursor >= self.topic.next_seq
@@ -176,16 +178,32 @@ class _Group:
             out.append(_Delivery(self, seq, self.generation, message))
         return out
 
-    def offer(self) -> bool:
-        """Deliver the message just appended without waking the reader; False if it must do it."""
-        if self.inbox is None or self.redeliver or self.cursor != self.topic.next_seq - 1:
-            return False
-        [delivery] = self.take(1)
-        if self.inbox.deliver_nowait(delivery):
-            return True
-        self.cursor -= 1  # not queued: as if never taken, the reader delivers it
-        del self.outstanding[delivery.seq]
-        return False
+    def has_backlog(self) -> bool:
+        return bool(self.redeliver) or self.cursor < self.topic.next_seq
+
+    def wake(self) -> None:
+        """There may be something to deliver: put it straight into the pool, or start a reader for it."""
+        if self.inbox is None or self.reader_scope is not None:
+            return
+        for _ in range(_BATCH):  # bounded: a long backlog is the reader's job, with checkpoints
+            if not self.has_backlog():
+                return
+            [delivery] = self.take(1)
+            if not self.inbox.deliver_nowait(delivery):
+                self.untake(delivery)
+                break
+        if self.has_backlog() and self.start_reader is not None:
+            self.start_reader(self)
+
+    def untake(self, delivery: _Delivery) -> None:
+        """Undo the take of a delivery that was not queued: it is delivered again, first."""
+        count = self.outstanding.pop(delivery.seq)
+        if count > 1:
+            self.outstanding[delivery.seq] = count - 1
+        if delivery.seq == self.cursor - 1 and count == 1:
+            self.cursor -= 1
+        else:
+            self.redeliver.appendleft(delivery.seq)
 
     def settle(self, delivery: _Delivery) -> None:
         seq = delivery.seq
@@ -213,14 +231,16 @@ class _Group:
 
 
 class _PersistentSubscription:
-    def __init__(self, group: _Group, cancel_scope: trio.CancelScope, stopped: trio.Event) -> None:
+    def __init__(self, group: _Group) -> None:
         self.group = group
-        self._scope = cancel_scope
-        self._stopped = stopped
 
     async def stop(self) -> None:
-        self._scope.cancel()
-        await self._stopped.wait()
+        group = self.group
+        group.inbox = None
+        if group.reader_scope is not None:
+            group.reader_scope.cancel()
+            await group.reader_done.wait()
+        await trio.lowlevel.checkpoint()
 
     async def detach(self) -> None:
         self.group.detach()
@@ -231,16 +251,20 @@ class _EphemeralSubscription:
     def __init__(self, topic: _Topic, inbox: Inbox, size: int) -> None:
         self.topic = topic
         self.inbox = inbox
+        self.active = True
         self.send, self.receive = trio.open_memory_channel[Message](size)
-        self.scope = trio.CancelScope()
-        self.stopped = trio.Event()
+        self.scope: trio.CancelScope | None = None  # while a reader task runs
+        self.done = trio.Event()
 
     def settled(self) -> bool:
-        return self.receive.statistics().current_buffer_used == 0
+        return self.scope is None and self.receive.statistics().current_buffer_used == 0
 
     async def stop(self) -> None:
-        self.scope.cancel()
-        await self.stopped.wait()
+        self.active = False
+        if self.scope is not None:
+            self.scope.cancel()
+            await self.done.wait()
+        await trio.lowlevel.checkpoint()
 
     async def detach(self) -> None:
         if self in self.topic.ephemeral_subs:
@@ -313,10 +337,9 @@ class MemoryBackend:
                 message_id=message_id,
             )
             for sub in t.ephemeral_subs:
-                try:
-                    sub.send.send_nowait(message)
-                except trio.WouldBlock:
-                    sub.inbox.dropped(1, f"subscriber buffer of {t.name!r} is full")
+                self._offer_ephemeral(sub, message)
+            if self._changed:
+                self._changed.unpark_all()
             return
         if t.config.max_age is not None:
             t.trim(now)
@@ -331,63 +354,75 @@ class MemoryBackend:
         if not t.config.persistent:
             sub = _EphemeralSubscription(t, inbox, self._buffer_size)
             t.ephemeral_subs.append(sub)
-            await self._nursery.start(self._ephemeral_reader, sub)
+            await trio.lowlevel.checkpoint()
             return sub
         g = t.groups.get(group)
         if g is None:
             g = t.groups[group] = _Group(t, group)
         g.subscribed = True
-        scope = trio.CancelScope()
-        stopped = trio.Event()
-        await self._nursery.start(self._persistent_reader, g, inbox, scope, stopped)
-        return _PersistentSubscription(g, scope, stopped)
+        g.inbox = inbox
+        g.start_reader = self._start_persistent_reader
+        g.wake()
+        await trio.lowlevel.checkpoint()
+        return _PersistentSubscription(g)
 
-    async def _persistent_reader(
-        self,
-        group: _Group,
-        inbox: Inbox,
-        scope: trio.CancelScope,
-        stopped: trio.Event,
-        *,
-        task_status: trio.TaskStatus[None],
-    ) -> None:
+    def _start_persistent_reader(self, group: _Group) -> None:
+        group.reader_scope = trio.CancelScope()
+        group.reader_done = trio.Event()
+        self._nursery.start_soon(self._persistent_reader, group)
+
+    async def _persistent_reader(self, group: _Group) -> None:
+        """Deliver a group's backlog in batches, waiting for room in the pool; exit once it is empty."""
+        assert group.reader_scope is not None
         try:
-            with scope:
-                task_status.started()
-                group.inbox = inbox
-                while True:
+            with group.reader_scope:
+                while group.inbox is not None:
                     batch = group.take(_BATCH)
                     if not batch:
-                        group.reader_waiting = True
-                        try:
-                            await group.topic.arrived.park()
-                        finally:
-                            group.reader_waiting = False
-                        continue
-                    await inbox.deliver(batch)
+                        break
+                    # If cancelled mid-batch, what was not queued stays outstanding: handed back on detach.
+                    await group.inbox.deliver(batch)
                     await trio.lowlevel.checkpoint()
         finally:
-            group.inbox = None
-            stopped.set()
+            group.reader_scope = None
+            group.reader_done.set()
 
-    async def _ephemeral_reader(
-        self, sub: _EphemeralSubscription, *, task_status: trio.TaskStatus[None]
-    ) -> None:
+    def _offer_ephemeral(self, sub: _EphemeralSubscription, message: Message) -> None:
+        if not sub.active:
+            return
+        if sub.scope is None and sub.inbox.deliver_nowait(AtMostOnceDelivery(message)):
+            return
+        try:
+            sub.send.send_nowait(message)
+        except trio.WouldBlock:
+            sub.inbox.dropped(1, f"subscriber buffer of {sub.topic.name!r} is full")
+            return
+        if sub.scope is None:
+            sub.scope = trio.CancelScope()
+            sub.done = trio.Event()
+            self._nursery.start_soon(self._ephemeral_reader, sub)
+
+    async def _ephemeral_reader(self, sub: _EphemeralSubscription) -> None:
+        """Deliver what waits in an ephemeral subscription's buffer; exit once it is empty."""
+        assert sub.scope is not None
         try:
             with sub.scope:
-                task_status.started()
-                async for first in sub.receive:
-                    batch = [AtMostOnceDelivery(first)]
+                while True:
+                    batch: list[AtMostOnceDelivery] = []
                     while len(batch) < _BATCH:
                         try:
                             batch.append(AtMostOnceDelivery(sub.receive.receive_nowait()))
                         except trio.WouldBlock:
                             break
+                    if not batch:
+                        break
                     await sub.inbox.deliver(batch)
-                    if self._changed:
-                        self._changed.unpark_all()
+                    await trio.lowlevel.checkpoint()
         finally:
-            sub.stopped.set()
+            sub.scope = None
+            sub.done.set()
+            if self._changed:
+                self._changed.unpark_all()
 
     def settled(self) -> bool:
         for t in self._topics.values():
