@@ -81,6 +81,9 @@ class BusStatistics:
     connected: bool
     #: Messages in each worker's queue, by worker index.
     worker_queue_depths: tuple[int, ...]
+    #: Messages stored for this bus's persistent subscriptions and not delivered to it yet (on JetStream,
+    #: the consumers' pending count as of their newest delivery).
+    lag: int = 0
 
 
 def _check_handler(handler: object) -> None:
@@ -557,6 +560,7 @@ class Bus:
             parked_keys=c.parked_keys,
             connected=self._backend.connected,
             worker_queue_depths=depths,
+            lag=self._backend.lag(),
         )
 
     async def _drain(self, drain_timeout: float) -> None:

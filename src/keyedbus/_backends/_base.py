@@ -111,6 +111,10 @@ class Backend(Protocol):
         """True when every message on a subscribed topic has been delivered and settled (drain helper)."""
         ...
 
+    def lag(self) -> int:
+        """Messages stored for this bus's persistent subscriptions and not delivered to it yet."""
+        ...
+
     async def aclose(self) -> None:
         """Flush pending acks and close the connection; shielded and bounded, so safe in a finally."""
 

@@ -162,6 +162,8 @@ class PullSubscription:
         #: Messages waiting for an owed message of their key with a lower sequence, per key.
         self.held: dict[str, list[JetStreamDelivery]] = {}
         self.last_seen = 0
+        #: Messages the consumer has not delivered yet, as of the newest delivery (JetStream's num_pending).
+        self.lag = 0
         self.stopping = False
         self.drain_target: int | None = None
         self._scope = trio.CancelScope()
@@ -255,7 +257,9 @@ class PullSubscription:
         for m in raw:
             meta = m.metadata
             seq = meta.sequence.stream
-            self.last_seen = max(self.last_seen, seq)
+            if seq > self.last_seen:
+                self.last_seen = seq
+                self.lag = meta.num_pending
             current = self.outstanding.get(seq)
             if current is not None:
                 # Redelivered while this process still has it (its ack_wait passed while the broker was

@@ -424,6 +424,14 @@ class MemoryBackend:
             if self._changed:
                 self._changed.unpark_all()
 
+    def lag(self) -> int:
+        return sum(
+            (t.next_seq - g.cursor) + len(g.redeliver)
+            for t in self._topics.values()
+            for g in t.groups.values()
+            if g.subscribed
+        )
+
     def settled(self) -> bool:
         for t in self._topics.values():
             if any(g.subscribed and not g.settled() for g in t.groups.values()):

@@ -25,10 +25,10 @@ import trio_asyncio
 
 from .._config import TopicConfig
 from .._errors import ConnectionFailedError, KeyedBusError, PublishError
-from .._messages import MSG_ID_HEADER
+from .._messages import MSG_ID_HEADER, Message
 from ._base import AtMostOnceDelivery, Inbox
 from ._urls import safe_url
-from .jetstream import PullSubscription, message_from, stream_config, stream_name
+from .jetstream import PullSubscription, _aio_get_messages, message_from, stream_config, stream_name
 
 __all__ = ["NatsBackend", "connect", "open_loop", "safe_url"]
 
@@ -346,6 +346,70 @@ class NatsBackend:
                 self._settled_at = count
                 return
             await trio.sleep(0.02)
+
+    def lag(self) -> int:
+        return sum(sub.lag for sub in self._pull_subs)
+
+    # -- inspection (the command line) -------------------------------------------------------------------
+
+    async def topic_state(self, topic: str) -> dict[str, Any]:
+        """The stream of a persistent topic and its consumers: stored, pending, redelivered, lag."""
+        return dict(await trio_asyncio.aio_as_trio(self._aio_topic_state)(topic))
+
+    async def _aio_topic_state(self, topic: str) -> dict[str, Any]:
+        name = stream_name(topic)
+        try:
+            info = await self.js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            raise KeyedBusError(
+                f"topic {topic!r} has no JetStream stream on {safe_url(self._url)}: nothing was published to "
+                "it as a persistent topic"
+            ) from None
+        consumers = []
+        for c in await self.js.consumers_info(name):
+            consumers.append(
+                {
+                    "consumer": c.name,
+                    "lag": c.num_pending or 0,
+                    "unacked": c.num_ack_pending or 0,
+                    "redelivered": c.num_redelivered or 0,
+                    "ack_floor": c.ack_floor.stream_seq if c.ack_floor else 0,
+                }
+            )
+        state = info.state
+        return {
+            "topic": topic,
+            "stream": name,
+            "messages": state.messages,
+            "bytes": state.bytes,
+            "first_seq": state.first_seq,
+            "last_seq": state.last_seq,
+            "consumers": consumers,
+        }
+
+    async def stored(self, topic: str) -> list[tuple[int, Message]]:
+        """Every message stored for a persistent topic, with its stream sequence, oldest first."""
+        state = await self.topic_state(topic)
+        seqs = range(state["first_seq"], state["last_seq"] + 1) if state["messages"] else range(0)
+        found: list[tuple[int, Message]] = []
+        for start in range(0, len(seqs), 1024):
+            chunk = await trio_asyncio.aio_as_trio(_aio_get_messages)(
+                self.js, stream_name(topic), seqs[start : start + 1024]
+            )
+            found += [(seq, message_from(topic, raw.data, raw.headers, 1)) for seq, raw in chunk]
+        return found
+
+    async def delete_stored(self, topic: str, seq: int) -> None:
+        """Remove one stored message (a replayed dead letter) from a persistent topic's stream."""
+        await trio_asyncio.aio_as_trio(self.js.delete_msg)(stream_name(topic), seq)
+
+    async def jetstream_info(self) -> str:
+        """A line on JetStream availability for this account, or why it is not available."""
+        try:
+            info = await trio_asyncio.aio_as_trio(self.js.account_info)()
+        except Exception as exc:
+            return f"not available ({type(exc).__name__}: {exc}); start nats-server with -js"
+        return f"available ({info.streams} stream(s), {info.consumers} consumer(s))"
 
     def settled(self) -> bool:
         return (
