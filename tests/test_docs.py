@@ -86,4 +86,3 @@ def test_block_runs(
         )
         assert done.returncode == 0, f"{page} block {number}: {line}\n{done.stdout}\n{done.stderr}"
         assert "Traceback" not in done.stderr
-
