@@ -335,10 +335,15 @@ class Bus:
         return f"<keyedbus.Bus {self._url}>"
 
     def _check_open(self, *, subscribing: bool = False) -> None:
-        if self._closed or (subscribing and self._closing):
+        if self._closed:
             raise BusClosedError(
                 f"the bus for {self._url} is closed: publish and subscribe inside its "
                 "'async with open_bus()' block"
+            )
+        if subscribing and self._closing:
+            raise BusClosedError(
+                f"the bus for {self._url} is draining (its 'async with open_bus()' block has ended): "
+                "it takes no new subscriptions; subscribe before leaving the block"
             )
 
     def _topic_config(self, topic: str) -> TopicConfig:
