@@ -70,14 +70,20 @@ class _CoreSubscription:
             with self._scope:
                 task_status.started()
                 while True:
-                    raw = await trio_asyncio.aio_as_trio(_aio_take)(self.aio_sub)
-                    self.in_hand = len(raw)
+                    raw = await trio_asyncio.aio_as_trio(self._aio_take)()
                     await self.inbox.deliver(
                         [AtMostOnceDelivery(message_from(self.topic, m.data, m.headers, 1)) for m in raw]
                     )
                     self.in_hand = 0
         finally:
             self._stopped.set()
+
+    async def _aio_take(self) -> list[Any]:
+        batch = await _aio_take(self.aio_sub)
+        # Counted here, on the asyncio side: between this return and the trio side resuming, the messages
+        # are in neither nats-py's queue nor the pool, and the drain must not take that for idle.
+        self.in_hand = len(batch)
+        return batch
 
     def idle(self) -> bool:
         pending = self.aio_sub.pending_msgs if self.aio_sub is not None else 0
@@ -117,7 +123,8 @@ class NatsBackend:
         self._published: dict[str, int] = {}
         #: Publishes queued so far: the drain is settled only if none was queued since it last checked.
         self._publish_count = 0
-        self._pumping = False
+        #: Publishes handed to the pump and not yet written to the connection (the drain waits for them).
+        self._unsent = 0
         self._settled_at = -1
         self.closing = False
 
@@ -164,13 +171,11 @@ class NatsBackend:
     ) -> None:
         if not config.persistent:
             # Core NATS: "sent" means handed to the connection, as in nats-py; the pump sends it in a batch.
-            await self._pub_send.send(self._core_publish(topic, data, headers))
-            self._publish_count += 1
+            await self._queue_publish(self._core_publish(topic, data, headers))
             return
         await self._ensure_stream(topic, config)
         request = _Publish(topic, data, {**headers, MSG_ID_HEADER: message_id}, True)
-        await self._pub_send.send(request)
-        self._publish_count += 1
+        await self._queue_publish(request)
         await request.done.wait()
         if request.error is not None:
             raise request.error
@@ -185,6 +190,17 @@ class NatsBackend:
             )
         self._pub_send.send_nowait(self._core_publish(topic, data, headers))
         self._publish_count += 1
+        self._unsent += 1
+
+    async def _queue_publish(self, request: _Publish) -> None:
+        # Counted before the send: a send to a waiting pump leaves the channel's buffer empty.
+        self._publish_count += 1
+        self._unsent += 1
+        try:
+            await self._pub_send.send(request)
+        except BaseException:
+            self._unsent -= 1
+            raise
 
     def _core_publish(self, topic: str, data: bytes, headers: dict[str, str]) -> _Publish:
         limit = int(self._nc.max_payload)
@@ -202,12 +218,11 @@ class NatsBackend:
     async def _publish_pump(self) -> None:
         """Cross into asyncio once per batch of publishes; JetStream publishes in a batch are pipelined."""
         async for first in self._pub_recv:
-            self._pumping = True  # from the first taken message: the drain must wait for the whole batch
+            batch = await _gather(self._pub_recv, first)
             try:
-                batch = await _gather(self._pub_recv, first)
                 results = await trio_asyncio.aio_as_trio(self._aio_publish)(batch)
             finally:
-                self._pumping = False
+                self._unsent -= len(batch)
             self._finish_publishes(batch, results)
 
     def _finish_publishes(self, batch: list[_Publish], results: list[BaseException | int]) -> None:
@@ -331,7 +346,7 @@ class NatsBackend:
         Messages others publish after the drain began are left for the next consumer.
         """
         while True:
-            if self._pumping or self._pub_recv.statistics().current_buffer_used:
+            if self._unsent:
                 await trio.sleep(0.01)  # our own publishes first: they may go to a subscribed topic
                 continue
             count = self._publish_count
