@@ -258,25 +258,20 @@ class KeyedWorkerPool:
                     await trio.lowlevel.checkpoint()  # a busy worker still lets others run
                     await self._take(item, parked, timers)
                     continue
-                if not timers:
-                    # The common case: no deadline, so no cancel scope (one per message adds up).
-                    self._receiving[index] = True
+                # Only the receive sits inside the deadline scope: a handler is never cut short by it. With no
+                # timer (the common case) there is no scope at all, one per message adds up; a wake-up then
+                # comes as None in the queue (release_parked).
+                deadline = trio.move_on_at(timers[0][0]) if timers else None
+                with deadline if deadline is not None else contextlib.nullcontext():
+                    self._waits[index] = deadline
+                    self._receiving[index] = deadline is None
                     try:
                         item = await receive.receive()
                     except trio.EndOfChannel:
                         closed = True
                     finally:
+                        self._waits[index] = None
                         self._receiving[index] = False
-                else:
-                    # Only the receive sits inside the deadline scope: a handler is never cut short by it.
-                    with trio.move_on_at(timers[0][0]) as wait:
-                        self._waits[index] = wait
-                        try:
-                            item = await receive.receive()
-                        except trio.EndOfChannel:
-                            closed = True
-                        finally:
-                            self._waits[index] = None
                 if item is not None:
                     await self._take(item, parked, timers)
 
