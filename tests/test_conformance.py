@@ -101,6 +101,31 @@ async def test_different_keys_run_concurrently_same_key_does_not(backend: Backen
 
 
 @pytest.mark.memory_only("asserts exact virtual times; on real time the bound is not deterministic")
+async def test_a_slow_key_does_not_hold_up_keys_that_share_its_shard(backend: Backend, clock: object) -> None:
+    pool = keyedbus.PoolConfig(workers=2)
+    finished: dict[str, float] = {}
+
+    async def handler(msg: keyedbus.Message) -> None:
+        assert msg.key is not None
+        if msg.key == "slow":
+            await trio.sleep(10)
+        finished[f"{msg.key}#{msg.data.decode()}"] = trio.current_time()
+
+    with trio.fail_after(120):
+        async with backend.open(pool=pool, drain_timeout=100) as bus:
+            assert bus._pool.worker_for("slow") == bus._pool.worker_for("k0")  # same shard
+            await bus.subscribe("orders", handler)
+            start = trio.current_time()
+            for i in range(5):
+                await bus.publish("orders", str(i).encode(), key="slow")
+            for i in range(5):
+                await bus.publish("orders", str(i).encode(), key="k0")
+    # The slow key's five messages take 50 s one after another; k0 shares its shard but not its wait.
+    assert finished["slow#4"] - start == 50
+    assert max(finished[f"k0#{i}"] for i in range(5)) - start < 10
+
+
+@pytest.mark.memory_only("asserts exact virtual times; on real time the bound is not deterministic")
 async def test_a_poison_key_does_not_stall_other_keys_on_its_worker(backend: Backend, clock: object) -> None:
     retry = keyedbus.RetryPolicy(max_attempts=3, initial_backoff=1.0, max_backoff=1.0, jitter=0)
     healthy_done: list[float] = []

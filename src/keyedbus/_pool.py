@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import heapq
 import itertools
@@ -78,63 +77,70 @@ class Counters:
 
 
 @attrs.define(eq=False)
-class _Parked:
-    """A key waiting for its next retry, with the messages of that key that arrived meanwhile (in order)."""
+class _Lane:
+    """The messages of one (subscription, key), in order; at most one of them runs at a time."""
 
-    items: deque[AggregateMessage]
-    due: float
+    consumer: Consumer
+    key: str
+    shard: int
+    items: deque[AggregateMessage] = attrs.Factory(deque)
+    #: "ready" (waiting for an executor), "running", or "parked" (waiting for its retry)
+    state: str = "ready"
+    due: float = 0.0
 
 
 class KeyedWorkerPool:
-    """One worker task per slot, each with a bounded queue; a key always goes to the same worker.
+    """Per-key order with `workers` handlers at most running at once, shared by every topic.
 
-    A worker runs one handler at a time and settles the message itself (ack, retry, dead-letter), so
-    dispatching never waits for a result. A failing message parks its key (with the key's later messages)
-    until its backoff is over, and the worker moves on to other keys. Keyless messages run in their own
-    tasks, at most `workers` at once.
+    Each (subscription, key) has a lane: its messages in order, one running at a time. `workers` executor
+    tasks take whichever lane is ready, run its head message, and settle it themselves (ack, retry,
+    dead-letter), so dispatching never waits for a result and keys never wait for each other: a slow key
+    holds one executor, not the keys that hash near it. A failed message parks its lane (with the key's
+    later messages) until its backoff is over. A key's shard, `fnv1a_32(key) % workers`, the same in every
+    process, bounds how many messages wait to run (`queue_size` per shard; a parked key's backlog is not
+    counted, so a poison key never blocks its shard). Keyless messages run in their own tasks, at most
+    `workers` at once.
     """
 
     def __init__(self, config: PoolConfig, counters: Counters) -> None:
         self.config = config
         self.counters = counters
-        # None in a queue only wakes its worker (see release_parked).
-        size = config.queue_size
-        pairs = [trio.open_memory_channel[AggregateMessage | None](size) for _ in range(config.workers)]
-        self._send = [s for s, _ in pairs]
-        self._receive = [r for _, r in pairs]
+        self._lanes: dict[tuple[Consumer, str], _Lane] = {}
+        self._ready: deque[_Lane] = deque()
+        self._work = trio.lowlevel.ParkingLot()  # executors with nothing to run
+        self._queued = [0] * config.workers  # per shard: messages waiting to run (not running, not parked)
+        self._room = [trio.lowlevel.ParkingLot() for _ in range(config.workers)]
+        self._timers: list[tuple[float, int, _Lane]] = []
+        self._timer_changed = trio.lowlevel.ParkingLot()
         self._keyless_slots = trio.Semaphore(config.workers)
         self._nursery: trio.Nursery | None = None
         self._items = 0  # dispatched and not yet settled or released
         self._idle = trio.lowlevel.ParkingLot()
         self._closed = False
-        self._tick = itertools.count()  # tie-breaker so the timer heap never compares keys
-        # A worker waiting for its queue can be woken to hand back the parked keys of a gone subscription.
-        self._waits: list[trio.CancelScope | None] = [None] * config.workers
-        self._receiving = [False] * config.workers
-        self._sweep = [False] * config.workers
+        self._tick = itertools.count()  # tie-breaker so the timer heap never compares lanes
         self.done = trio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the workers until `close()` and every queued, running and parked message is finished.
+        """Run the executors until `close()` and every queued, running and parked message is finished.
 
         Cancelling it leaves whatever is unfinished unsettled (redelivered later on persistent topics).
         """
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                for index, receive in enumerate(self._receive):
-                    nursery.start_soon(self._worker, index, receive, name=f"keyedbus-worker-{index}")
+                nursery.start_soon(self._timer, name="keyedbus-retry-timer")
+                for index in range(self.config.workers):
+                    nursery.start_soon(self._executor, name=f"keyedbus-worker-{index}")
                 task_status.started()
         finally:
             self.done.set()
 
     def close(self) -> None:
-        """Take no more messages; workers exit when their queue and parked keys are done."""
+        """Take no more messages; the executors exit once every queued and parked message is done."""
         self._closed = True
-        for send in self._send:
-            send.close()
+        self._wake_all()
 
     @property
     def closed(self) -> bool:
@@ -146,14 +152,9 @@ class KeyedWorkerPool:
 
         Their retry timers are not waited for: a gone subscription's messages go back to the broker.
         """
-        for index, scope in enumerate(self._waits):
-            self._sweep[index] = True
-            if scope is not None:
-                scope.cancel()
-            elif self._receiving[index]:
-                # Its queue is empty (it waits on it), so there is room for the wake-up.
-                with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-                    self._send[index].send_nowait(None)
+        for lane in list(self._lanes.values()):
+            if lane.state == "parked" and not lane.consumer.active:
+                self._resume(lane)
 
     @property
     def unfinished(self) -> int:
@@ -166,156 +167,143 @@ class KeyedWorkerPool:
             await self._idle.park()
 
     def queue_depths(self) -> tuple[int, ...]:
-        """Messages waiting in each worker's queue, by worker index."""
-        return tuple(s.statistics().current_buffer_used for s in self._send)
+        """Messages waiting to run in each shard (not running, not parked), by shard index."""
+        return tuple(self._queued)
 
     # -- dispatch -------------------------------------------------------------------------------------------
 
     def worker_for(self, key: str) -> int:
-        """Index of the worker that runs every message with this key."""
+        """Index of the shard (queue) of every message with this key."""
         return fnv1a_32(key) % self.config.workers
 
     async def dispatch(self, item: AggregateMessage) -> None:
-        """Queue `item` on its key's worker (or start it, keyless), waiting for room.
+        """Queue `item` in its key's lane (or start it, keyless), waiting for room in its shard.
 
         Atomic with respect to cancellation: if cancelled, the item was not queued. Raises
         trio.ClosedResourceError after `close()`.
         """
-        if self._closed:
-            raise trio.ClosedResourceError("the worker pool is closed")
         if item.key is None:
+            if self._closed:
+                raise trio.ClosedResourceError("the worker pool is closed")
             await self._keyless_slots.acquire()
             assert self._nursery is not None, "pool not running"
             self._items += 1
             self._nursery.start_soon(self._keyless, item)
             return
-        if not self.dispatch_nowait(item):
-            send = self._send[fnv1a_32(item.key) % self.config.workers]
-            # Counted before the send: once sent, the worker may settle it before this task runs again.
-            self._items += 1
-            try:
-                await send.send(item)
-            except BaseException:
-                self._settled()
-                raise
+        while not self.dispatch_nowait(item):
+            await self._room[fnv1a_32(item.key) % self.config.workers].park()
 
     def dispatch_nowait(self, item: AggregateMessage) -> bool:
-        """Queue a keyed `item` if its worker's queue has room; return False (not queued) if not.
+        """Queue a keyed `item` if its shard has room; return False (not queued) if not.
 
         Raises trio.ClosedResourceError after `close()`.
         """
         if self._closed:
             raise trio.ClosedResourceError("the worker pool is closed")
-        if item.key is None:
+        key = item.key
+        if key is None:
             return False
+        lane = self._lanes.get((item.consumer, key))
+        if lane is not None and lane.state == "parked":
+            # Behind a failed message: waits with it, outside the shard's bound (isolation).
+            lane.items.append(item)
+            self.counters.waiting += 1
+            self._items += 1
+            return True
+        shard = fnv1a_32(key) % self.config.workers
+        if self._queued[shard] >= self.config.queue_size:
+            return False
+        self._queued[shard] += 1
         self._items += 1
-        try:
-            self._send[fnv1a_32(item.key) % self.config.workers].send_nowait(item)
-        except trio.WouldBlock:
-            self._settled()
-            return False
+        if lane is None:
+            lane = self._lanes[(item.consumer, key)] = _Lane(item.consumer, key, shard)
+            lane.items.append(item)
+            self._ready.append(lane)
+            if self._work:
+                self._work.unpark()
+        else:
+            lane.items.append(item)  # ready or running: the executor comes back for it
         return True
 
     # -- running ------------------------------------------------------------------------------------------
 
     def _settled(self) -> None:
         self._items -= 1
-        if not self._items and self._idle:
-            self._idle.unpark_all()
+        if not self._items:
+            if self._idle:
+                self._idle.unpark_all()
+            if self._closed:
+                self._wake_all()
 
-    async def _worker(self, index: int, receive: trio.MemoryReceiveChannel[AggregateMessage | None]) -> None:
-        parked: dict[tuple[Consumer, str], _Parked] = {}
-        timers: list[tuple[float, int, tuple[Consumer, str]]] = []
-        closed = False
-        with receive:
-            while True:
-                if self._sweep[index]:
-                    self._sweep[index] = False
-                    for pkey in [p for p in parked if not p[0].active]:
-                        await self._resume(parked, timers, pkey)
-                    # Forget the handed-back keys' timers, or a closing worker would wait for them.
-                    timers[:] = [t for t in timers if t[2] in parked]
-                    heapq.heapify(timers)
-                while timers and timers[0][0] <= trio.current_time():
-                    _, _, pkey = heapq.heappop(timers)
-                    if pkey in parked:  # not already handed back by a sweep
-                        await self._resume(parked, timers, pkey)
-                if closed:
-                    if not timers:
-                        return
-                    with trio.move_on_at(timers[0][0]) as wait:
-                        self._waits[index] = wait
-                        try:
-                            await trio.sleep_forever()
-                        finally:
-                            self._waits[index] = None
-                    continue
-                item: AggregateMessage | None = None
-                # WouldBlock and EndOfChannel are both handled by the wait below.
-                with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
-                    item = receive.receive_nowait()
-                if item is not None:
-                    await trio.lowlevel.checkpoint()  # a busy worker still lets others run
-                    await self._take(item, parked, timers)
-                    continue
-                # Only the receive sits inside the deadline scope: a handler is never cut short by it. With no
-                # timer (the common case) there is no scope at all, one per message adds up; a wake-up then
-                # comes as None in the queue (release_parked).
-                deadline = trio.move_on_at(timers[0][0]) if timers else None
-                with deadline if deadline is not None else contextlib.nullcontext():
-                    self._waits[index] = deadline
-                    self._receiving[index] = deadline is None
-                    try:
-                        item = await receive.receive()
-                    except trio.EndOfChannel:
-                        closed = True
-                    finally:
-                        self._waits[index] = None
-                        self._receiving[index] = False
-                if item is not None:
-                    await self._take(item, parked, timers)
+    def _wake_all(self) -> None:
+        if self._work:
+            self._work.unpark_all()
+        if self._timer_changed:
+            self._timer_changed.unpark_all()
 
-    async def _take(
-        self,
-        item: AggregateMessage,
-        parked: dict[tuple[Consumer, str], _Parked],
-        timers: list[tuple[float, int, tuple[Consumer, str]]],
-    ) -> None:
-        """Run a newly queued item, or park it behind its key's failed message."""
-        assert item.key is not None, "keyless items never reach a worker"
-        pkey = (item.consumer, item.key)
-        waiting = parked.get(pkey)
-        if waiting is not None:
-            waiting.items.append(item)
-            self.counters.waiting += 1
-            return
-        delay = await self._attempt(item)
-        if delay is not None:
-            due = trio.current_time() + delay
-            parked[pkey] = _Parked(deque([item]), due)
-            self.counters.waiting += 1
+    def _unqueue(self, shard: int, count: int) -> None:
+        self._queued[shard] -= count
+        if self._room[shard]:
+            self._room[shard].unpark_all()
+
+    async def _executor(self) -> None:
+        ready = self._ready
+        while True:
+            if not ready:
+                if self._closed and not self._items:
+                    return
+                await self._work.park()
+                continue
+            lane = ready.popleft()
+            lane.state = "running"
+            self._unqueue(lane.shard, 1)
+            delay = await self._attempt(lane.items[0])
+            if delay is None:
+                lane.items.popleft()
+                if lane.items:
+                    lane.state = "ready"
+                    ready.append(lane)  # behind the other ready keys: round robin
+                else:
+                    del self._lanes[(lane.consumer, lane.key)]
+                continue
+            # Park the key with its later messages; they stop counting against the shard's bound.
+            lane.state = "parked"
+            lane.due = trio.current_time() + delay
+            later = len(lane.items) - 1
+            self._unqueue(lane.shard, later)
+            self.counters.waiting += later + 1
             self.counters.parked_keys += 1
-            heapq.heappush(timers, (due, next(self._tick), pkey))
+            heapq.heappush(self._timers, (lane.due, next(self._tick), lane))
+            if self._timer_changed:
+                self._timer_changed.unpark_all()
 
-    async def _resume(
-        self,
-        parked: dict[tuple[Consumer, str], _Parked],
-        timers: list[tuple[float, int, tuple[Consumer, str]]],
-        pkey: tuple[Consumer, str],
-    ) -> None:
-        """Retry a parked key's head message, then run its later messages in order until one fails again."""
-        waiting = parked[pkey]
-        while waiting.items:
-            item = waiting.items[0]
-            delay = await self._attempt(item)
-            if delay is not None:
-                waiting.due = trio.current_time() + delay
-                heapq.heappush(timers, (waiting.due, next(self._tick), pkey))
-                return
-            waiting.items.popleft()
-            self.counters.waiting -= 1
-        del parked[pkey]
+    def _resume(self, lane: _Lane) -> None:
+        """A parked lane's retry is due (or its subscription is gone): ready again, head first."""
+        lane.state = "ready"
+        count = len(lane.items)
+        self._queued[lane.shard] += count
+        self.counters.waiting -= count
         self.counters.parked_keys -= 1
+        self._ready.appendleft(lane)  # its retry was due already: before keys that just arrived
+        if self._work:
+            self._work.unpark()
+
+    async def _timer(self) -> None:
+        """Move parked lanes back to ready when their retry is due."""
+        timers = self._timers
+        while True:
+            if self._closed and not self._items:
+                return  # timers left over are of lanes handed back early
+            if timers:
+                with trio.move_on_at(timers[0][0]):
+                    await self._timer_changed.park()
+            else:
+                await self._timer_changed.park()
+            now = trio.current_time()
+            while timers and timers[0][0] <= now:
+                due, _, lane = heapq.heappop(timers)
+                if lane.state == "parked" and lane.due == due:  # else: handed back early
+                    self._resume(lane)
 
     async def _keyless(self, item: AggregateMessage) -> None:
         """Run one keyless message to the end, releasing its slot while it waits between attempts."""
