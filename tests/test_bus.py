@@ -11,6 +11,7 @@ import trio.testing
 
 import keyedbus
 from keyedbus._pool import KeyedWorkerPool, fnv1a_32
+from keyedbus.testing import wait_until_handled
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -379,3 +380,27 @@ def test_importing_keyedbus_does_not_import_asyncio_bridges() -> None:
     code = "import sys, keyedbus; print(sorted(m for m in ('trio_asyncio', 'nats') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+async def test_handlers_that_never_checkpoint_do_not_starve_other_tasks(autojump_clock: object) -> None:
+    probe_turns = 0
+    seen: list[int] = []
+
+    async def no_checkpoint(_: keyedbus.Message) -> None:
+        seen.append(probe_turns)  # a handler that never awaits anything
+
+    async def probe() -> None:
+        nonlocal probe_turns
+        while True:
+            await trio.lowlevel.checkpoint()
+            probe_turns += 1
+
+    async with keyedbus.open_bus(pool=keyedbus.PoolConfig(workers=1)) as bus, trio.open_nursery() as nursery:
+        await bus.subscribe("orders", no_checkpoint)
+        nursery.start_soon(probe)
+        for i in range(500):  # no checkpoint in between: 500 keys ready at once for the one executor
+            bus.publish_nowait("orders", b"x", key=f"k{i}")
+        await wait_until_handled(bus)
+        nursery.cancel_scope.cancel()
+    assert len(seen) == 500
+    assert seen[-1] > seen[0]  # the probe ran while the executor worked through them

@@ -248,15 +248,23 @@ class KeyedWorkerPool:
 
     async def _executor(self) -> None:
         ready = self._ready
+        since_yield = 0
         while True:
             if not ready:
                 if self._closed and not self._items:
                     return
                 await self._work.park()
+                since_yield = 0
                 continue
             lane = ready.popleft()
             lane.state = "running"
             self._unqueue(lane.shard, 1)
+            # A handler need not checkpoint (a no-op does not): yield every few messages, so that an executor
+            # with a long ready queue never starves the other tasks (every message would cost 10%).
+            since_yield += 1
+            if since_yield >= 16:
+                since_yield = 0
+                await trio.lowlevel.checkpoint()
             delay = await self._attempt(lane.items[0])
             if delay is None:
                 lane.items.popleft()
