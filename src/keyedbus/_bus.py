@@ -63,7 +63,7 @@ class BusStatistics:
 
     #: Worker tasks in the pool.
     workers: int
-    #: Messages waiting: in worker queues, parked behind a failing key, or between keyless retries.
+    #: Messages waiting: to run, parked behind a failing key, or between keyless retries.
     queued: int
     #: Handlers running now.
     in_flight: int
@@ -79,7 +79,7 @@ class BusStatistics:
     parked_keys: int
     #: Whether the backend can reach its broker now.
     connected: bool
-    #: Messages in each worker's queue, by worker index.
+    #: Messages waiting to run in each shard (`fnv1a_32(key) % workers`), by shard index.
     worker_queue_depths: tuple[int, ...]
     #: Messages stored for this bus's persistent subscriptions and not delivered to it yet (on JetStream,
     #: the consumers' pending count as of their newest delivery).
@@ -163,7 +163,7 @@ class _Consumer(Generic[T]):
             with trio.move_on_after(pool.config.wait_timeout):
                 await pool.dispatch(item)
                 continue
-            self.dropped(1, f"no room in worker queue within wait_timeout={pool.config.wait_timeout} s")
+            self.dropped(1, f"no room in the key's shard within wait_timeout={pool.config.wait_timeout} s")
         await trio.lowlevel.checkpoint()
 
     def deliver_nowait(self, delivery: Delivery) -> bool:

@@ -57,12 +57,15 @@ def _integer(*, minimum: int, optional: bool = False) -> Any:
 class PoolConfig:
     """Size and timing of the one keyed worker pool every topic shares.
 
-    Messages with a key go to worker ``fnv1a_32(key) % workers``; each worker has a bounded queue.
+    Each key's messages run one at a time, in order; at most `workers` handlers run at once. A key belongs to
+    shard ``fnv1a_32(key) % workers`` (the same in every process), and each shard lets at most `queue_size`
+    messages wait to run before delivery waits for room.
     """
 
-    #: Number of worker tasks; also the cap on concurrently running keyless handlers.
+    #: Executor tasks: the cap on keyed handlers running at once (and, separately, on keyless ones); also
+    #: the number of shards.
     workers: int = attrs.field(default=256, validator=_integer(minimum=1))
-    #: Capacity of each worker's queue, in messages.
+    #: Messages each shard lets wait to run (a parked key's backlog is not counted).
     queue_size: int = attrs.field(default=1000, validator=_integer(minimum=1))
     #: Seconds an ephemeral message may wait for room in a full queue before it is dropped (and counted).
     wait_timeout: float = attrs.field(default=0.5, validator=_number(minimum=0))
