@@ -249,10 +249,12 @@ class KeyedWorkerPool:
     async def _executor(self) -> None:
         ready = self._ready
         since_yield = 0
+        lane: _Lane | None = None
         while True:
             if not ready:
                 if self._closed and not self._items:
                     return
+                lane = None  # an idle executor keeps no lane (nor its subscription) alive
                 await self._work.park()
                 since_yield = 0
                 continue
