@@ -48,8 +48,12 @@ async def test_every_message_is_handled_in_key_order_across_a_broker_kill(tmp_pa
                     await _wait_finished(tmp_path, total // 3)
                     server.kill()
                     assert not server.running
+                    while bus.statistics().connected:  # noqa: ASYNC110 - nats-py notices by itself
+                        await trio.sleep(0.01)
                     await trio.sleep(0.5)  # down for a moment: publishes fail and are retried meanwhile
                     server.start()
+                    while not bus.statistics().connected:  # noqa: ASYNC110 - and reconnects by itself
+                        await trio.sleep(0.01)
                 await _wait_finished(tmp_path, total)
     finally:
         server.stop()
