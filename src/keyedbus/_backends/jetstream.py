@@ -150,6 +150,7 @@ class PullSubscription:
         self.topic = topic
         self.config = config
         self.inbox = inbox
+        self.group = group
         self.stream = stream_name(topic)
         self.durable = consumer_name(topic, group)
         self.puller = _Puller(backend.nc, backend.js, self.stream, self.durable)
@@ -177,6 +178,16 @@ class PullSubscription:
         info = await trio_asyncio.aio_as_trio(self.puller.open)(_consumer_config(self.durable, self.config))
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         delivered = info.delivered.stream_seq if info.delivered else 0
+        if info.num_waiting:
+            # Pull requests waiting on the consumer: another process is reading this group right now.
+            logger.warning(
+                "%s: another consumer is reading group %r of %s now; key order holds within one process, so "
+                "run one process per (topic, group) at a time",
+                self.durable,
+                self.group or None,
+                self.topic,
+                extra={"topic": self.topic},
+            )
         self.last_seen = delivered
         if info.num_ack_pending:
             await self._learn_owed(floor, delivered)
