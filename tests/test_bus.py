@@ -404,3 +404,15 @@ async def test_handlers_that_never_checkpoint_do_not_starve_other_tasks(autojump
         nursery.cancel_scope.cancel()
     assert len(seen) == 500
     assert seen[-1] > seen[0]  # the probe ran while the executor worked through them
+
+
+async def test_only_ids_the_publisher_chose_are_kept_for_deduplication(autojump_clock: object) -> None:
+    # A generated id cannot repeat; keeping each for the 120 s window would hold millions under load.
+    async with keyedbus.open_bus() as bus:
+        for i in range(1000):
+            await bus.publish("orders", b"x", key=f"k{i}")
+        await bus.publish("orders", b"x", key="k", message_id="chosen-1")
+        await bus.publish("orders", b"x", key="k", message_id="chosen-1")  # a retry: stored once
+        topic = bus._backend._topics["orders"]  # type: ignore[attr-defined]
+        assert list(topic.recent_ids) == ["chosen-1"]
+        assert topic.next_seq == 1002

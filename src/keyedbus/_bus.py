@@ -367,7 +367,7 @@ class Bus:
 
     def _prepare(
         self, topic: str, data: object, key: object, headers: object, message_id: object
-    ) -> tuple[bytes, dict[str, str], str]:
+    ) -> tuple[bytes, dict[str, str], str, bool]:
         check_topic(topic)
         payload = check_data(data)
         wire_headers = check_headers(headers)
@@ -379,12 +379,13 @@ class Bus:
                     f"header {KEY_HEADER}={given!r} contradicts key={key!r}: pass the key once, as key="
                 )
             wire_headers[KEY_HEADER] = key  # type: ignore[assignment]
+        chosen = message_id is not None  # only an id the caller chose can come again (a retried publish)
         if message_id is None:
             message_id = new_message_id()
         elif not isinstance(message_id, str) or not message_id:
             raise ArgumentTypeError(f"message_id must be a non-empty str or None, got {message_id!r}")
         self._check_open()
-        return payload, wire_headers, message_id
+        return payload, wire_headers, message_id, chosen
 
     async def publish(
         self,
@@ -403,8 +404,10 @@ class Bus:
         BusClosedError once the bus is closed. If cancelled, the message may or may not have been stored:
         publish it again with the same `message_id` to be sure it is stored exactly once.
         """
-        payload, wire_headers, mid = self._prepare(topic, data, key, headers, message_id)
-        await self._backend.publish(topic, self._topic_config(topic), payload, wire_headers, mid)
+        payload, wire_headers, mid, chosen = self._prepare(topic, data, key, headers, message_id)
+        await self._backend.publish(
+            topic, self._topic_config(topic), payload, wire_headers, mid, dedup=chosen
+        )
 
     def publish_nowait(
         self,
@@ -416,8 +419,10 @@ class Bus:
         message_id: str | None = None,
     ) -> None:
         """Like `publish`, but raise trio.WouldBlock instead of waiting when the topic is full."""
-        payload, wire_headers, mid = self._prepare(topic, data, key, headers, message_id)
-        self._backend.publish_nowait(topic, self._topic_config(topic), payload, wire_headers, mid)
+        payload, wire_headers, mid, chosen = self._prepare(topic, data, key, headers, message_id)
+        self._backend.publish_nowait(
+            topic, self._topic_config(topic), payload, wire_headers, mid, dedup=chosen
+        )
 
     async def publish_envelope(
         self, topic: str, envelope: Envelope, *, headers: Mapping[str, str] | None = None

@@ -90,15 +90,30 @@ class Backend(Protocol):
         """Create or update how `topic` is stored."""
 
     async def publish(
-        self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str], message_id: str
+        self,
+        topic: str,
+        config: TopicConfig,
+        data: bytes,
+        headers: dict[str, str],
+        message_id: str,
+        *,
+        dedup: bool = True,
     ) -> None:
         """Store (persistent) or send (ephemeral) one message; returns once the broker has it.
 
-        `config` is the topic's configuration, used to create the topic on first use.
+        `config` is the topic's configuration, used to create the topic on first use. `dedup=False` says the
+        id was generated for this call, so it cannot repeat: the broker need not remember it.
         """
 
     def publish_nowait(
-        self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str], message_id: str
+        self,
+        topic: str,
+        config: TopicConfig,
+        data: bytes,
+        headers: dict[str, str],
+        message_id: str,
+        *,
+        dedup: bool = True,
     ) -> None:
         """Like publish, but raise trio.WouldBlock instead of waiting for room."""
 

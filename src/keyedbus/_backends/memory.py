@@ -59,6 +59,20 @@ class _Delivery:
 
 
 class _Topic:
+    __slots__ = (
+        "bytes",
+        "changed",
+        "config",
+        "ephemeral_subs",
+        "groups",
+        "log",
+        "name",
+        "next_seq",
+        "recent_ids",
+        "recent_order",
+        "room",
+    )
+
     def __init__(self, name: str, config: TopicConfig, changed: trio.lowlevel.ParkingLot) -> None:
         self.name = name
         self.config = config
@@ -70,7 +84,8 @@ class _Topic:
         self.room = trio.lowlevel.ParkingLot()
         self.changed = changed
         self.recent_ids: dict[str, float] = {}
-        self.recent_order: deque[tuple[float, str]] = deque()
+        # Created on the first message id: an idle topic should cost little (flat cost, many topics).
+        self.recent_order: deque[tuple[float, str]] | None = None
 
     @property
     def first_seq(self) -> int:
@@ -87,18 +102,23 @@ class _Topic:
         return cfg.max_bytes is not None and bool(self.log) and self.bytes + size > cfg.max_bytes
 
     def duplicate(self, message_id: str, now: float) -> bool:
-        while self.recent_order and self.recent_order[0][0] <= now - DEDUP_WINDOW:
-            _, old = self.recent_order.popleft()
+        order = self.recent_order
+        while order and order[0][0] <= now - DEDUP_WINDOW:
+            _, old = order.popleft()
             if self.recent_ids.get(old, now) <= now - DEDUP_WINDOW:
                 del self.recent_ids[old]
         return message_id in self.recent_ids
 
-    def append(self, data: bytes, headers: dict[str, str], message_id: str, now: float) -> None:
+    def append(
+        self, data: bytes, headers: dict[str, str], message_id: str, now: float, *, remember: bool
+    ) -> None:
         self.log.append(_Entry(self.next_seq, data, headers, message_id, now))
         self.next_seq += 1
         self.bytes += len(data)
-        if message_id:
+        if message_id and remember:
             self.recent_ids[message_id] = now
+            if self.recent_order is None:
+                self.recent_order = deque()
             self.recent_order.append((now, message_id))
         for group in self.groups.values():
             group.wake()
@@ -127,6 +147,22 @@ class _Topic:
 class _Group:
     """One (topic, group): where its cursor is, what it has acked, what it must deliver again."""
 
+    __slots__ = (
+        "acked",
+        "cursor",
+        "floor",
+        "generation",
+        "inbox",
+        "name",
+        "outstanding",
+        "reader_done",
+        "reader_scope",
+        "redeliver",
+        "start_reader",
+        "subscribed",
+        "topic",
+    )
+
     def __init__(self, topic: _Topic, name: str) -> None:
         self.topic = topic
         self.name = name
@@ -134,7 +170,8 @@ class _Group:
         self.floor = topic.first_seq  # every seq below it is acked
         self.acked: set[int] = set()
         self.outstanding: dict[int, int] = {}  # delivered, not settled: seq -> deliveries so far
-        self.redeliver: deque[int] = deque()
+        #: Sequences to deliver again, the next one last (a list: an empty deque costs 760 bytes a group).
+        self.redeliver: list[int] = []
         self.generation = 0
         self.subscribed = False
         self.inbox: Inbox | None = None  # set while subscribed and not stopped
@@ -142,7 +179,7 @@ class _Group:
         # A reader task runs only while the group has more than the pool takes at once: an idle
         # subscription costs no task (flat cost with many topics).
         self.reader_scope: trio.CancelScope | None = None
-        self.reader_done = trio.Event()
+        self.reader_done: trio.Event | None = None
 
     def settled(self) -> bool:
         return not self.outstanding and not self.redeliver and self.cursor >= self.topic.next_seq
@@ -153,14 +190,14 @@ class _Group:
         self.floor = max(self.floor, first)
         self.acked = {s for s in self.acked if s >= first}
         self.outstanding = {s: n for s, n in self.outstanding.items() if s >= first}
-        self.redeliver = deque(s for s in self.redeliver if s >= first)
+        self.redeliver = [s for s in self.redeliver if s >= first]
 
     def take(self, limit: int) -> list[_Delivery]:
         out: list[_Delivery] = []
         topic = self.topic
         while len(out) < limit and (self.redeliver or self.cursor < topic.next_seq):
             if self.redeliver:
-                seq = self.redeliver.popleft()
+                seq = self.redeliver.pop()
             else:
                 seq = self.cursor
                 self.cursor += 1
@@ -203,7 +240,7 @@ class _Group:
         if delivery.seq == self.cursor - 1 and count == 1:
             self.cursor -= 1
         else:
-            self.redeliver.appendleft(delivery.seq)
+            self.redeliver.append(delivery.seq)
 
     def settle(self, delivery: _Delivery) -> None:
         seq = delivery.seq
@@ -224,7 +261,7 @@ class _Group:
     def detach(self) -> None:
         """Hand every unsettled message back, in log order, for the group's next subscriber."""
         self.generation += 1
-        self.redeliver = deque(sorted(set(self.outstanding) | set(self.redeliver)))
+        self.redeliver = sorted(set(self.outstanding) | set(self.redeliver), reverse=True)
         self.subscribed = False
         if self.topic.changed:
             self.topic.changed.unpark_all()
@@ -237,7 +274,7 @@ class _PersistentSubscription:
     async def stop(self) -> None:
         group = self.group
         group.inbox = None
-        if group.reader_scope is not None:
+        if group.reader_scope is not None and group.reader_done is not None:
             group.reader_scope.cancel()
             await group.reader_done.wait()
         await trio.lowlevel.checkpoint()
@@ -306,7 +343,14 @@ class MemoryBackend:
         await trio.lowlevel.checkpoint()
 
     async def publish(
-        self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str], message_id: str
+        self,
+        topic: str,
+        config: TopicConfig,
+        data: bytes,
+        headers: dict[str, str],
+        message_id: str,
+        *,
+        dedup: bool = True,
     ) -> None:
         t = self._topic(topic, config)
         if t.config.persistent and t.full(len(data)):
@@ -315,17 +359,26 @@ class MemoryBackend:
         else:
             # Every trio async call is a checkpoint: a burst of publishes must let the consumers run.
             await trio.lowlevel.checkpoint()
-        self._publish_now(t, data, headers, message_id)
+        self._publish_now(t, data, headers, message_id, dedup)
 
     def publish_nowait(
-        self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str], message_id: str
+        self,
+        topic: str,
+        config: TopicConfig,
+        data: bytes,
+        headers: dict[str, str],
+        message_id: str,
+        *,
+        dedup: bool = True,
     ) -> None:
         t = self._topic(topic, config)
         if t.config.persistent and t.full(len(data)):
             raise trio.WouldBlock
-        self._publish_now(t, data, headers, message_id)
+        self._publish_now(t, data, headers, message_id, dedup)
 
-    def _publish_now(self, t: _Topic, data: bytes, headers: dict[str, str], message_id: str) -> None:
+    def _publish_now(
+        self, t: _Topic, data: bytes, headers: dict[str, str], message_id: str, dedup: bool
+    ) -> None:
         now = trio.current_time()
         if not t.config.persistent:
             message = Message(
@@ -343,9 +396,11 @@ class MemoryBackend:
             return
         if t.config.max_age is not None:
             t.trim(now)
-        if message_id and t.duplicate(message_id, now):
+        # Only ids the publisher chose can repeat: remembering generated ones for the whole window would
+        # hold every message id of the last 120 s in memory (millions under load).
+        if dedup and message_id and t.duplicate(message_id, now):
             return
-        t.append(data, headers, message_id, now)
+        t.append(data, headers, message_id, now, remember=dedup)
 
     async def subscribe(
         self, topic: str, config: TopicConfig, group: str, inbox: Inbox
@@ -374,6 +429,8 @@ class MemoryBackend:
     async def _persistent_reader(self, group: _Group) -> None:
         """Deliver a group's backlog in batches, waiting for room in the pool; exit once it is empty."""
         assert group.reader_scope is not None
+        assert group.reader_done is not None
+        done = group.reader_done
         try:
             with group.reader_scope:
                 while group.inbox is not None:
@@ -385,7 +442,7 @@ class MemoryBackend:
                     await trio.lowlevel.checkpoint()
         finally:
             group.reader_scope = None
-            group.reader_done.set()
+            done.set()
 
     def _offer_ephemeral(self, sub: _EphemeralSubscription, message: Message) -> None:
         if not sub.active:

@@ -167,7 +167,14 @@ class NatsBackend:
     # -- publishing -----------------------------------------------------------------------------------
 
     async def publish(
-        self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str], message_id: str
+        self,
+        topic: str,
+        config: TopicConfig,
+        data: bytes,
+        headers: dict[str, str],
+        message_id: str,
+        *,
+        dedup: bool = True,  # JetStream keeps its own window; always set Nats-Msg-Id
     ) -> None:
         if not config.persistent:
             # Core NATS: "sent" means handed to the connection, as in nats-py; the pump sends it in a batch.
@@ -181,7 +188,14 @@ class NatsBackend:
             raise request.error
 
     def publish_nowait(
-        self, topic: str, config: TopicConfig, data: bytes, headers: dict[str, str], message_id: str
+        self,
+        topic: str,
+        config: TopicConfig,
+        data: bytes,
+        headers: dict[str, str],
+        message_id: str,
+        *,
+        dedup: bool = True,  # JetStream keeps its own window; always set Nats-Msg-Id
     ) -> None:
         if config.persistent:
             raise KeyedBusError(
