@@ -409,7 +409,12 @@ class KeyedWorkerPool:
                 item.key,
                 delay,
                 exc,
-                extra={"topic": consumer.topic, "key": item.key, "attempt": item.attempt},
+                extra={
+                    "topic": consumer.topic,
+                    "key": item.key,
+                    "attempt": item.attempt,
+                    "message_id": item.delivery.message.message_id,
+                },
             )
             return delay
         item.delivery.term()
