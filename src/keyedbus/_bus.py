@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 
-from ._backends._base import Backend, BackendSubscription, Delivery
+from ._backends._base import Backend, BackendSubscription, Delivery, Outgoing
 from ._backends.memory import MemoryBackend
 from ._config import PoolConfig, RetryPolicy, TopicConfig
 from ._errors import (
@@ -367,7 +367,7 @@ class Bus:
 
     def _prepare(
         self, topic: str, data: object, key: object, headers: object, message_id: object
-    ) -> tuple[bytes, dict[str, str], str, bool]:
+    ) -> Outgoing:
         check_topic(topic)
         payload = check_data(data)
         wire_headers = check_headers(headers)
@@ -385,7 +385,7 @@ class Bus:
         elif not isinstance(message_id, str) or not message_id:
             raise ArgumentTypeError(f"message_id must be a non-empty str or None, got {message_id!r}")
         self._check_open()
-        return payload, wire_headers, message_id, chosen
+        return Outgoing(topic, self._topic_config(topic), payload, wire_headers, message_id, dedup=chosen)
 
     async def publish(
         self,
@@ -404,10 +404,7 @@ class Bus:
         BusClosedError once the bus is closed. If cancelled, the message may or may not have been stored:
         publish it again with the same `message_id` to be sure it is stored exactly once.
         """
-        payload, wire_headers, mid, chosen = self._prepare(topic, data, key, headers, message_id)
-        await self._backend.publish(
-            topic, self._topic_config(topic), payload, wire_headers, mid, dedup=chosen
-        )
+        await self._backend.publish(self._prepare(topic, data, key, headers, message_id))
 
     def publish_nowait(
         self,
@@ -419,10 +416,7 @@ class Bus:
         message_id: str | None = None,
     ) -> None:
         """Like `publish`, but raise trio.WouldBlock instead of waiting when the topic is full."""
-        payload, wire_headers, mid, chosen = self._prepare(topic, data, key, headers, message_id)
-        self._backend.publish_nowait(
-            topic, self._topic_config(topic), payload, wire_headers, mid, dedup=chosen
-        )
+        self._backend.publish_nowait(self._prepare(topic, data, key, headers, message_id))
 
     async def publish_envelope(
         self, topic: str, envelope: Envelope, *, headers: Mapping[str, str] | None = None
@@ -450,7 +444,7 @@ class Bus:
         """Publish for the bus itself (dead letters): allowed while draining."""
         if self._closed:
             raise BusClosedError("the bus is closed")
-        await self._backend.publish(topic, self._topic_config(topic), data, headers, message_id)
+        await self._backend.publish(Outgoing(topic, self._topic_config(topic), data, headers, message_id))
 
     # -- subscribing -----------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import attrs
 from .._config import TopicConfig
 from .._messages import Message
 
-__all__ = ["AtMostOnceDelivery", "Backend", "BackendSubscription", "Delivery", "Inbox"]
+__all__ = ["AtMostOnceDelivery", "Backend", "BackendSubscription", "Delivery", "Inbox", "Outgoing"]
 
 
 class Delivery(Protocol):
@@ -29,6 +29,19 @@ class Delivery(Protocol):
 
     def release(self) -> None:
         """Leave unsettled: the broker delivers it again later, to this group's next subscriber."""
+
+
+@attrs.define(eq=False)
+class Outgoing:
+    """One message on its way to the broker, as the bus checked it."""
+
+    topic: str
+    config: TopicConfig
+    data: bytes
+    headers: dict[str, str]
+    message_id: str
+    #: False when the id was generated for this publish: it cannot repeat, so the broker need not remember it.
+    dedup: bool = True
 
 
 @attrs.define(eq=False)
@@ -89,32 +102,13 @@ class Backend(Protocol):
     async def configure_topic(self, topic: str, config: TopicConfig) -> None:
         """Create or update how `topic` is stored."""
 
-    async def publish(
-        self,
-        topic: str,
-        config: TopicConfig,
-        data: bytes,
-        headers: dict[str, str],
-        message_id: str,
-        *,
-        dedup: bool = True,
-    ) -> None:
+    async def publish(self, out: Outgoing) -> None:
         """Store (persistent) or send (ephemeral) one message; returns once the broker has it.
 
-        `config` is the topic's configuration, used to create the topic on first use. `dedup=False` says the
-        id was generated for this call, so it cannot repeat: the broker need not remember it.
+        `out.config` is the topic's configuration, used to create the topic on first use.
         """
 
-    def publish_nowait(
-        self,
-        topic: str,
-        config: TopicConfig,
-        data: bytes,
-        headers: dict[str, str],
-        message_id: str,
-        *,
-        dedup: bool = True,
-    ) -> None:
+    def publish_nowait(self, out: Outgoing) -> None:
         """Like publish, but raise trio.WouldBlock instead of waiting for room."""
 
     async def subscribe(

@@ -17,7 +17,7 @@ import trio
 from .._config import TopicConfig
 from .._errors import TopicConfigConflictError
 from .._messages import KEY_HEADER, Message
-from ._base import AtMostOnceDelivery, Inbox
+from ._base import AtMostOnceDelivery, Inbox, Outgoing
 
 __all__ = ["DEFAULT_MAX_MSGS", "DEDUP_WINDOW", "MemoryBackend"]
 
@@ -342,43 +342,24 @@ class MemoryBackend:
             self._topic(topic, config)
         await trio.lowlevel.checkpoint()
 
-    async def publish(
-        self,
-        topic: str,
-        config: TopicConfig,
-        data: bytes,
-        headers: dict[str, str],
-        message_id: str,
-        *,
-        dedup: bool = True,
-    ) -> None:
-        t = self._topic(topic, config)
-        if t.config.persistent and t.full(len(data)):
-            while t.full(len(data)):
+    async def publish(self, out: Outgoing) -> None:
+        t = self._topic(out.topic, out.config)
+        if t.config.persistent and t.full(len(out.data)):
+            while t.full(len(out.data)):
                 await t.room.park()
         else:
             # Every trio async call is a checkpoint: a burst of publishes must let the consumers run.
             await trio.lowlevel.checkpoint()
-        self._publish_now(t, data, headers, message_id, dedup)
+        self._publish_now(t, out)
 
-    def publish_nowait(
-        self,
-        topic: str,
-        config: TopicConfig,
-        data: bytes,
-        headers: dict[str, str],
-        message_id: str,
-        *,
-        dedup: bool = True,
-    ) -> None:
-        t = self._topic(topic, config)
-        if t.config.persistent and t.full(len(data)):
+    def publish_nowait(self, out: Outgoing) -> None:
+        t = self._topic(out.topic, out.config)
+        if t.config.persistent and t.full(len(out.data)):
             raise trio.WouldBlock
-        self._publish_now(t, data, headers, message_id, dedup)
+        self._publish_now(t, out)
 
-    def _publish_now(
-        self, t: _Topic, data: bytes, headers: dict[str, str], message_id: str, dedup: bool
-    ) -> None:
+    def _publish_now(self, t: _Topic, out: Outgoing) -> None:
+        data, headers, message_id = out.data, out.headers, out.message_id
         now = trio.current_time()
         if not t.config.persistent:
             message = Message(
@@ -398,9 +379,9 @@ class MemoryBackend:
             t.trim(now)
         # Only ids the publisher chose can repeat: remembering generated ones for the whole window would
         # hold every message id of the last 120 s in memory (millions under load).
-        if dedup and message_id and t.duplicate(message_id, now):
+        if out.dedup and message_id and t.duplicate(message_id, now):
             return
-        t.append(data, headers, message_id, now, remember=dedup)
+        t.append(data, headers, message_id, now, remember=out.dedup)
 
     async def subscribe(
         self, topic: str, config: TopicConfig, group: str, inbox: Inbox

@@ -26,7 +26,7 @@ import trio_asyncio
 from .._config import TopicConfig
 from .._errors import ConnectionFailedError, KeyedBusError, PublishError
 from .._messages import MSG_ID_HEADER, Message
-from ._base import AtMostOnceDelivery, Inbox
+from ._base import AtMostOnceDelivery, Inbox, Outgoing
 from ._urls import safe_url
 from .jetstream import PullSubscription, _aio_get_messages, message_from, stream_config, stream_name
 
@@ -166,43 +166,26 @@ class NatsBackend:
 
     # -- publishing -----------------------------------------------------------------------------------
 
-    async def publish(
-        self,
-        topic: str,
-        config: TopicConfig,
-        data: bytes,
-        headers: dict[str, str],
-        message_id: str,
-        *,
-        dedup: bool = True,  # JetStream keeps its own window; always set Nats-Msg-Id
-    ) -> None:
-        if not config.persistent:
+    async def publish(self, out: Outgoing) -> None:
+        if not out.config.persistent:
             # Core NATS: "sent" means handed to the connection, as in nats-py; the pump sends it in a batch.
-            await self._queue_publish(self._core_publish(topic, data, headers))
+            await self._queue_publish(self._core_publish(out))
             return
-        await self._ensure_stream(topic, config)
-        request = _Publish(topic, data, {**headers, MSG_ID_HEADER: message_id}, True)
+        await self._ensure_stream(out.topic, out.config)
+        # Nats-Msg-Id always: JetStream keeps its own duplicate window, whatever `out.dedup` says.
+        request = _Publish(out.topic, out.data, {**out.headers, MSG_ID_HEADER: out.message_id}, True)
         await self._queue_publish(request)
         await request.done.wait()
         if request.error is not None:
             raise request.error
 
-    def publish_nowait(
-        self,
-        topic: str,
-        config: TopicConfig,
-        data: bytes,
-        headers: dict[str, str],
-        message_id: str,
-        *,
-        dedup: bool = True,  # JetStream keeps its own window; always set Nats-Msg-Id
-    ) -> None:
-        if config.persistent:
+    def publish_nowait(self, out: Outgoing) -> None:
+        if out.config.persistent:
             raise KeyedBusError(
-                f"publish_nowait cannot wait for JetStream's store ack on persistent topic {topic!r}: "
+                f"publish_nowait cannot wait for JetStream's store ack on persistent topic {out.topic!r}: "
                 "use 'await bus.publish(...)'"
             )
-        self._pub_send.send_nowait(self._core_publish(topic, data, headers))
+        self._pub_send.send_nowait(self._core_publish(out))
         self._publish_count += 1
         self._unsent += 1
 
@@ -216,14 +199,15 @@ class NatsBackend:
             self._unsent -= 1
             raise
 
-    def _core_publish(self, topic: str, data: bytes, headers: dict[str, str]) -> _Publish:
+    def _core_publish(self, out: Outgoing) -> _Publish:
+        topic, data = out.topic, out.data
         limit = int(self._nc.max_payload)
         if len(data) > limit:
             raise PublishError(
                 f"message for {topic!r} has {len(data)} bytes, more than the server's max_payload "
                 f"({limit}): send a reference to the data, or raise max_payload in nats-server's config"
             )
-        return _Publish(topic, data, headers, False)
+        return _Publish(topic, data, out.headers, False)
 
     def published_seq(self, topic: str) -> int:
         """The highest stream sequence our own publishes to `topic` were stored at (0: none)."""
