@@ -44,9 +44,14 @@ class _Publish:
     topic: str
     data: bytes
     headers: dict[str, str]
-    persistent: bool
-    done: trio.Event = attrs.field(factory=trio.Event)
+    #: Set once the store ack (or error) is in, for a persistent publish; None for core NATS, which nobody
+    #: waits for (no Event per message on the hot path).
+    done: trio.Event | None
     error: BaseException | None = None
+
+    @property
+    def persistent(self) -> bool:
+        return self.done is not None
 
 
 class _CoreSubscription:
@@ -106,7 +111,6 @@ class NatsBackend:
 
     def __init__(self, nc: Any, nursery: trio.Nursery, url: str) -> None:
         self._nc = nc
-        self.nc = nc
         self.js = nc.jetstream()
         self._nursery = nursery
         self._url = url
@@ -127,6 +131,11 @@ class NatsBackend:
         self._unsent = 0
         self._settled_at = -1
         self.closing = False
+
+    @property
+    def nc(self) -> Any:
+        """The nats-py client (for the JetStream module, which shares the connection)."""
+        return self._nc
 
     @property
     def connected(self) -> bool:
@@ -173,9 +182,10 @@ class NatsBackend:
             return
         await self._ensure_stream(out.topic, out.config)
         # Nats-Msg-Id always: JetStream keeps its own duplicate window, whatever `out.dedup` says.
-        request = _Publish(out.topic, out.data, {**out.headers, MSG_ID_HEADER: out.message_id}, True)
+        done = trio.Event()
+        request = _Publish(out.topic, out.data, {**out.headers, MSG_ID_HEADER: out.message_id}, done)
         await self._queue_publish(request)
-        await request.done.wait()
+        await done.wait()
         if request.error is not None:
             raise request.error
 
@@ -207,7 +217,7 @@ class NatsBackend:
                 f"message for {topic!r} has {len(data)} bytes, more than the server's max_payload "
                 f"({limit}): send a reference to the data, or raise max_payload in nats-server's config"
             )
-        return _Publish(topic, data, out.headers, False)
+        return _Publish(topic, data, out.headers, None)
 
     def published_seq(self, topic: str) -> int:
         """The highest stream sequence our own publishes to `topic` were stored at (0: none)."""
@@ -226,12 +236,14 @@ class NatsBackend:
     def _finish_publishes(self, batch: list[_Publish], results: list[BaseException | int]) -> None:
         for request, result in zip(batch, results, strict=True):
             if isinstance(result, int):
-                self._published[request.topic] = max(self._published.get(request.topic, 0), result)
+                if result:  # a stored sequence (core NATS gives 0: nothing to remember)
+                    self._published[request.topic] = max(self._published.get(request.topic, 0), result)
             elif request.persistent:
                 request.error = result
             else:  # nobody waits for a core publish: say it, never drop it silently
                 logger.error("could not send a message to %s: %s", request.topic, result)
-            request.done.set()
+            if request.done is not None:
+                request.done.set()
 
     async def _aio_publish(self, batch: list[_Publish]) -> list[BaseException | int]:
         """Publish a batch; each result is the stored sequence (0 on core NATS) or the error."""
