@@ -17,11 +17,10 @@ heartbeats; a `nak()` would let later messages of the key overtake it. Hand-back
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import deque
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 import nats.errors
@@ -31,12 +30,12 @@ import trio
 import trio_asyncio
 
 from .._config import TopicConfig
-from .._messages import KEY_HEADER, MSG_ID_HEADER, Message
+from .._errors import KeyedBusError
+from .._messages import Message
 from .._pool import fnv1a_32
+from . import _natspy
 from ._base import Inbox
-
-if TYPE_CHECKING:
-    from .nats import NatsBackend
+from ._connection import NatsConnection, message_from
 
 __all__ = [
     "DUPLICATE_WINDOW",
@@ -44,6 +43,7 @@ __all__ = [
     "MAX_ACK_PENDING",
     "JetStreamDelivery",
     "PullSubscription",
+    "Streams",
     "consumer_name",
     "stream_config",
     "stream_name",
@@ -105,17 +105,36 @@ def _consumer_config(durable: str, config: TopicConfig) -> Any:
     )
 
 
-def message_from(topic: str, data: bytes | None, headers: dict[str, str] | None, attempt: int) -> Message:
-    """A Message from what the wire carried."""
-    headers = dict(headers or {})
-    return Message(
-        topic=topic,
-        data=data or b"",
-        key=headers.get(KEY_HEADER),
-        headers=headers,
-        attempt=attempt,
-        message_id=headers.get(MSG_ID_HEADER, ""),
-    )
+class Streams:
+    """The streams of persistent topics on one connection, created on first use."""
+
+    def __init__(self, conn: NatsConnection) -> None:
+        self._conn = conn
+        self._known: set[str] = set()
+        self._lock = trio.Lock()
+
+    async def ensure(self, topic: str, config: TopicConfig, *, update: bool = False) -> None:
+        """Make sure `topic`'s stream exists (and has `config`'s settings if `update`)."""
+        name = stream_name(topic)
+        if name in self._known and not update:
+            return
+        async with self._lock:
+            if name in self._known and not update:
+                return
+            try:
+                await trio_asyncio.aio_as_trio(self._add_or_update)(stream_config(topic, config))
+            except nats.errors.Error as exc:
+                raise KeyedBusError(
+                    f"could not create the JetStream stream for topic {topic!r}: {exc}; check that "
+                    "nats-server runs with JetStream enabled (-js)"
+                ) from exc
+            self._known.add(name)
+
+    async def _add_or_update(self, stream: Any) -> None:
+        try:
+            await self._conn.js.add_stream(stream)
+        except nats.js.errors.BadRequestError:
+            await self._conn.js.update_stream(stream)
 
 
 @attrs.define(eq=False)
@@ -144,16 +163,24 @@ class PullSubscription:
     """A durable pull consumer feeding one Inbox, holding keys still owed by an earlier consumer."""
 
     def __init__(
-        self, backend: NatsBackend, topic: str, config: TopicConfig, group: str, inbox: Inbox
+        self,
+        conn: NatsConnection,
+        topic: str,
+        config: TopicConfig,
+        group: str,
+        inbox: Inbox,
+        *,
+        on_detach: Callable[[PullSubscription], None],
     ) -> None:
-        self.backend = backend
+        self.conn = conn
+        self._on_detach = on_detach
         self.topic = topic
         self.config = config
         self.inbox = inbox
         self.group = group
         self.stream = stream_name(topic)
         self.durable = consumer_name(topic, group)
-        self.puller = _Puller(backend.nc, backend.js, self.stream, self.durable)
+        self.puller = _Puller(conn.nc, conn.js, self.stream, self.durable)
         #: Delivered and unsettled, by stream sequence (queued, parked, running or held).
         self.outstanding: dict[int, JetStreamDelivery] = {}
         #: Sequences an earlier consumer may have left unsettled and not yet queued here, with their keys.
@@ -204,8 +231,8 @@ class PullSubscription:
             )
         seqs = range(floor + 1, delivered + 1)
         for start in range(0, len(seqs), _READ_BACK_CHUNK):
-            stored = await trio_asyncio.aio_as_trio(_aio_get_messages)(
-                self.backend.js, self.stream, seqs[start : start + _READ_BACK_CHUNK]
+            stored = await trio_asyncio.aio_as_trio(aio_get_messages)(
+                self.conn.js, self.stream, seqs[start : start + _READ_BACK_CHUNK]
             )
             for seq, raw in stored:
                 key = self.inbox.key_of(message_from(self.topic, raw.data, raw.headers, 1))
@@ -260,7 +287,7 @@ class PullSubscription:
         """While draining: everything published before the drain began has been fetched."""
         if self.drain_target is None or self.owed:
             return False
-        return self.last_seen >= max(self.drain_target, self.backend.published_seq(self.topic))
+        return self.last_seen >= max(self.drain_target, self.conn.published_seq(self.topic))
 
     def _accept(self, raw: list[Any]) -> list[JetStreamDelivery]:
         """Track a fetched batch; return what may be queued now, holding keys still owed a message."""
@@ -314,7 +341,7 @@ class PullSubscription:
             return
         self._next_floor_poll = now + _FLOOR_POLL
         try:
-            info = await trio_asyncio.aio_as_trio(self.backend.js.consumer_info)(self.stream, self.durable)
+            info = await trio_asyncio.aio_as_trio(self.conn.js.consumer_info)(self.stream, self.durable)
         except Exception as exc:
             logger.debug("%s: consumer_info failed: %s", self.durable, exc)
             return
@@ -341,7 +368,7 @@ class PullSubscription:
         delivery.settled = True
         if self.outstanding.get(delivery.seq) is delivery:
             del self.outstanding[delivery.seq]
-        self.backend.queue_settles([(delivery.raw, how)])
+        self.conn.queue_settles([(delivery.raw, how)])
 
     def unsettled(self) -> list[Any]:
         """Mark every outstanding message settled and return them oldest first, for a nak (with any that
@@ -368,18 +395,18 @@ class PullSubscription:
 
         Unsubscribing first matters: a nak'd message must not land in a pull request of this subscription.
         """
-        self.backend.forget(self)
+        self._on_detach(self)
         try:
             await trio_asyncio.aio_as_trio(self.puller.close)()
         except Exception as exc:  # the connection may be gone; the server forgets the interest then too
             logger.debug("unsubscribe failed: %s", exc)
-        await self.backend.settle_now([(raw, "nak") for raw in self.unsettled()])
+        await self.conn.settle_now([(raw, "nak") for raw in self.unsettled()])
 
     # -- draining ---------------------------------------------------------------------------------------
 
     async def caught_up(self) -> bool:
         """True once everything published up to the drain's start (and our own later publishes) is settled."""
-        info = await trio_asyncio.aio_as_trio(self.backend.js.consumer_info)(self.stream, self.durable)
+        info = await trio_asyncio.aio_as_trio(self.conn.js.consumer_info)(self.stream, self.durable)
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         delivered = info.delivered.stream_seq if info.delivered else 0
         if self.drain_target is None:
@@ -388,7 +415,7 @@ class PullSubscription:
             return False
         if not info.num_pending and not info.num_ack_pending:
             return True
-        return floor >= max(self.drain_target, self.backend.published_seq(self.topic))
+        return floor >= max(self.drain_target, self.conn.published_seq(self.topic))
 
     def idle(self) -> bool:
         return not self.outstanding
@@ -399,7 +426,7 @@ class _Puller:
 
     nats-py's fetch() awaits every message separately (a timer and a task each), which under
     trio-asyncio costs far more than the message. This sends the pull request itself and reads the
-    replies from its own inbox subscription's queue, a batch per asyncio step.
+    replies from its own inbox subscription's queue, a batch per asyncio step (see `_natspy`).
     """
 
     def __init__(self, nc: Any, js: Any, stream: str, durable: str) -> None:
@@ -407,7 +434,6 @@ class _Puller:
         self._js = js
         self._stream = stream
         self._durable = durable
-        self._next = f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._inbox = nc.new_inbox()
         self._sub: Any = None
         self._open = 0  # messages the outstanding pull request may still bring
@@ -427,30 +453,27 @@ class _Puller:
         """The next messages (at least one), or [] when a pull request ended with none."""
         loop = asyncio.get_running_loop()
         if self._open <= 0 or loop.time() > self._deadline:
-            request = {"batch": FETCH_BATCH, "expires": int(_FETCH_WAIT * 1e9)}
-            await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
+            await _natspy.request_pull(
+                self._nc,
+                self._js,
+                self._stream,
+                self._durable,
+                self._inbox,
+                batch=FETCH_BATCH,
+                expires=_FETCH_WAIT,
+            )
             self._open = FETCH_BATCH
             self._deadline = loop.time() + _FETCH_WAIT + 1.0  # grace: a request lost in a reconnect
-        queue = self._sub._pending_queue
-        try:
-            first = await asyncio.wait_for(queue.get(), self._deadline - loop.time())
-        except asyncio.TimeoutError:
+        items = await _natspy.take(self._sub, 1 << 30, self._deadline - loop.time())
+        if not items:
             self._open = 0
             return []
-        items = [first]
-        while True:
-            try:
-                items.append(queue.get_nowait())
-            except asyncio.QueueEmpty:
-                break
-        self._sub._pending_size -= sum(len(m.data) for m in items)
         messages = []
         for m in items:
-            status = m.headers.get("Status") if m.headers else None
-            if status is None:
+            if _natspy.is_data(m):
                 messages.append(m)
                 self._open -= 1
-            elif status != "100":  # 404 no messages, 408 expired, 409 and the like: the request is over
+            elif _natspy.status_of(m) != "100":  # 404 no messages, 408 expired, 409 and the like: over
                 self._open = 0
         return messages
 
@@ -462,17 +485,12 @@ class _Puller:
 
     def leftovers(self) -> list[Any]:
         """Take the messages that arrived but were never taken (delivered to us: they must be handed back)."""
-        late: list[Any] = []
-        if self._sub is not None:
-            queue = self._sub._pending_queue
-            while not queue.empty():
-                m = queue.get_nowait()
-                if not (m.headers and m.headers.get("Status")):
-                    late.append(m)
-        return late
+        if self._sub is None:
+            return []
+        return [m for m in _natspy.take_nowait(self._sub) if _natspy.is_data(m)]
 
 
-async def _aio_get_messages(js: Any, stream: str, seqs: Iterable[int]) -> list[tuple[int, Any]]:
+async def aio_get_messages(js: Any, stream: str, seqs: Iterable[int]) -> list[tuple[int, Any]]:
     """Read stored messages by sequence, pipelined; sequences no longer stored are skipped.
 
     Any other failure raises: guessing which keys are owed could break their order.

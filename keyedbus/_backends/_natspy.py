@@ -1,0 +1,120 @@
+"""Every use of nats-py's private parts, in one place, checked against the nats-py versions listed here.
+
+keyedbus reads nats-py's subscription queues directly (nats-py has no batch API, and awaiting each message
+separately costs more than the message under trio-asyncio) and speaks JetStream's pull protocol itself
+(nats-py's fetch() starts a timer and a task per message). Both rely on attributes nats-py does not
+promise to keep; `check_version()` runs at connect time so an untested nats-py fails with a clear message
+instead of a strange one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from importlib import metadata
+from typing import Any
+
+from .._errors import ConnectionFailedError
+
+__all__ = [
+    "SUPPORTED",
+    "api_prefix",
+    "check_version",
+    "is_data",
+    "request_pull",
+    "subscription_id",
+    "take",
+    "take_nowait",
+]
+
+#: The nats-py releases whose private attributes this module was checked against.
+SUPPORTED = ">=2.16,<3"
+_LOWEST = (2, 16)
+_BEYOND = (3, 0)
+
+
+def _parse(version: str) -> tuple[int, ...]:
+    parts: list[int] = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def check_version(version: str | None = None) -> None:
+    """Raise ConnectionFailedError unless the installed nats-py (or `version`) is in the supported range."""
+    if version is None:
+        try:
+            version = metadata.version("nats-py")
+        except metadata.PackageNotFoundError:  # installed some other way: trust the module's own version
+            import nats.aio.client
+
+            version = str(nats.aio.client.__version__)
+    if not _LOWEST <= _parse(version) < _BEYOND:
+        raise ConnectionFailedError(
+            f"nats-py {version} is installed, but keyedbus supports nats-py {SUPPORTED} only (it reads "
+            f"nats-py's subscription queues directly): pip install 'nats-py{SUPPORTED}'"
+        )
+
+
+async def take(sub: Any, limit: int, timeout: float | None = None) -> list[Any]:
+    """Wait for the next message of a callback-less subscription, then take up to `limit` queued ones.
+
+    Returns [] if `timeout` seconds pass with none. Keeps nats-py's byte count, as its next_msg() does.
+    """
+    queue: asyncio.Queue[Any] = sub._pending_queue
+    if timeout is None:
+        first = await queue.get()
+    else:
+        try:
+            first = await asyncio.wait_for(queue.get(), max(timeout, 0.0))
+        except asyncio.TimeoutError:
+            return []
+    batch = [first]
+    while len(batch) < limit:
+        try:
+            batch.append(queue.get_nowait())
+        except asyncio.QueueEmpty:
+            break
+    sub._pending_size -= sum(len(m.data) for m in batch)
+    return batch
+
+
+def take_nowait(sub: Any) -> list[Any]:
+    """Every message queued in a callback-less subscription now (none waited for)."""
+    queue: asyncio.Queue[Any] = sub._pending_queue
+    batch: list[Any] = []
+    while not queue.empty():
+        batch.append(queue.get_nowait())
+    sub._pending_size -= sum(len(m.data) for m in batch)
+    return batch
+
+
+def subscription_id(sub: Any) -> int:
+    """The sid nats-py names a subscription by in slow-consumer errors."""
+    return int(sub._id)
+
+
+def api_prefix(js: Any) -> str:
+    """The JetStream API subject prefix of a JetStreamContext (`$JS.API` unless a domain is set)."""
+    return str(js._prefix)
+
+
+async def request_pull(
+    nc: Any, js: Any, stream: str, durable: str, inbox: str, *, batch: int, expires: float
+) -> None:
+    """Ask a pull consumer for up to `batch` messages, delivered to `inbox`; the request ends after
+    `expires` seconds with a 408 status if it was not filled."""
+    subject = f"{api_prefix(js)}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+    request = {"batch": batch, "expires": int(expires * 1e9)}
+    await nc.publish(subject, json.dumps(request).encode(), reply=inbox)
+
+
+def is_data(msg: Any) -> bool:
+    """Whether a message on a pull inbox is a stored message (not a server status reply)."""
+    return not (msg.headers and msg.headers.get("Status"))
+
+
+def status_of(msg: Any) -> str:
+    """The status code of a server status reply on a pull inbox ("" if it carries none)."""
+    return str(msg.headers.get("Status", "")) if msg.headers else ""
