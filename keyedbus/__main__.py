@@ -20,10 +20,20 @@ from typing import Any, NoReturn, TextIO
 
 import trio
 
-from ._bus import ATTEMPTS_HEADER, ERROR_HEADER, ORIGINAL_TOPIC_HEADER, Bus, open_bus
+from ._bus import Bus, open_bus
 from ._config import TopicConfig
 from ._errors import ArgumentTypeError, KeyedBusError
-from ._messages import KEY_HEADER, MSG_ID_HEADER, Envelope, Message, check_headers, check_key, check_topic
+from ._messages import (
+    ATTEMPTS_HEADER,
+    ERROR_HEADER,
+    ORIGINAL_TOPIC_HEADER,
+    Envelope,
+    Message,
+    check_headers,
+    check_key,
+    check_topic,
+    replay_headers,
+)
 
 __all__ = ["main"]
 
@@ -238,11 +248,7 @@ async def _dead_letters(bus: Bus, args: argparse.Namespace) -> int:
     replayed = 0
     for seq, msg in letters:  # oldest first: a key's dead letters go back in their order
         target = msg.headers.get(ORIGINAL_TOPIC_HEADER, args.topic)
-        headers = {
-            k: v
-            for k, v in msg.headers.items()
-            if k not in (ERROR_HEADER, ATTEMPTS_HEADER, ORIGINAL_TOPIC_HEADER, MSG_ID_HEADER, KEY_HEADER)
-        }
+        headers = replay_headers(msg.headers)  # the server's headers stay under Keyedbus-Original-*
         # The same id if this replay is run again after a failure: stored once (deduplicated).
         await bus.publish(
             target, msg.data, key=msg.key, headers=headers, message_id=f"{msg.message_id or seq}.replay"

@@ -36,7 +36,11 @@ from ._messages import (
     check_headers,
     check_key,
     check_topic,
+    dead_letter_headers,
+    header_problem,
+    key_problem,
     new_message_id,
+    wire_key_problem,
 )
 from ._pool import Counters, KeyedWorkerPool
 
@@ -50,11 +54,6 @@ logger = logging.getLogger("keyedbus")
 T = TypeVar("T", Message, Envelope)
 Handler = Callable[[T], Awaitable[None]]
 KeyFunction = Callable[[Message], "str | None"]
-
-#: Headers keyedbus adds to a dead letter.
-ERROR_HEADER = "Keyedbus-Error"
-ATTEMPTS_HEADER = "Keyedbus-Attempts"
-ORIGINAL_TOPIC_HEADER = "Keyedbus-Original-Topic"
 
 
 @attrs.frozen(kw_only=True)
@@ -112,12 +111,6 @@ def _group_name(group: object) -> str:
         raise InvalidTopicError(f"invalid group {group!r}: use one token of letters, digits, '_' and '-'")
     check_topic(group, what="group")
     return group
-
-
-def _header_text(text: str) -> str:
-    """Make an error text fit in one header value."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= 1024 else flat[:1021] + "..."
 
 
 class _Consumer(Generic[T]):
@@ -195,7 +188,10 @@ class _Consumer(Generic[T]):
         """The ordering key, the handler's argument, and why it must be dead-lettered (None: it need not)."""
         key = message.key
         value: object = message
-        reason: str | None = None
+        # Rules for what arrives from the wire (a foreign publisher may break them; keyedbus's own cannot).
+        reason = header_problem(message.headers)
+        if reason is None and key is not None and not self.envelope and self.key_fn is None:
+            reason = wire_key_problem(key)
         if self.key_fn is not None:
             try:
                 key = self.key_fn(message)
@@ -207,6 +203,8 @@ class _Consumer(Generic[T]):
                         message.key,
                         f"key function returned {type(key).__name__}, expected str or None",
                     )
+                elif key is not None and (problem := key_problem(key)) is not None:
+                    reason = f"InvalidKeyError: key function returned {key[:64]!r}, which {problem}"
         if self.envelope and reason is None:
             try:
                 envelope = Envelope.decode(message.data)
@@ -228,12 +226,9 @@ class _Consumer(Generic[T]):
 
     async def dead_letter(self, item: AggregateMessage, reason: str) -> None:
         original = item.delivery.message
-        headers = dict(original.headers)
-        headers[ERROR_HEADER] = _header_text(reason)
-        headers[ATTEMPTS_HEADER] = str(item.attempt)
-        headers[ORIGINAL_TOPIC_HEADER] = self.topic
-        if item.key is not None:
-            headers[KEY_HEADER] = item.key
+        headers = dead_letter_headers(
+            original.headers, key=item.key, error=reason, attempts=item.attempt, topic=self.topic
+        )
         message_id = f"{original.message_id}.dead-letter" if original.message_id else new_message_id()
         await self.bus._publish_internal(self.dead_letter_topic, original.data, headers, message_id)
         logger.error(
@@ -370,8 +365,14 @@ class Bus:
     ) -> Outgoing:
         check_topic(topic)
         payload = check_data(data)
-        wire_headers = check_headers(headers)
-        if key is not None:
+        wire_headers = check_headers(headers)  # the key header in any case becomes KEY_HEADER
+        if key is None:
+            given = wire_headers.get(KEY_HEADER)
+            if given == "":
+                del wire_headers[KEY_HEADER]  # an empty key header means keyless: send none
+            elif given is not None:
+                check_key(given, what=f"header {KEY_HEADER}")
+        else:
             check_key(key)
             given = wire_headers.get(KEY_HEADER)
             if given is not None and given != key:

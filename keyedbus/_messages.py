@@ -21,22 +21,51 @@ from ._errors import (
 )
 
 __all__ = [
+    "ATTEMPTS_HEADER",
+    "ERROR_HEADER",
     "KEY_HEADER",
-    "AggregateMessage",
     "MSG_ID_HEADER",
+    "ORIGINAL_PREFIX",
+    "ORIGINAL_TOPIC_HEADER",
+    "REWRITTEN_HEADER",
+    "AggregateMessage",
     "Envelope",
     "Message",
     "check_data",
     "check_headers",
     "check_key",
     "check_topic",
+    "dead_letter_headers",
+    "header_problem",
+    "key_problem",
+    "key_of_headers",
     "new_message_id",
+    "replay_headers",
+    "wire_key_problem",
+    "wire_size",
 ]
 
 #: Header that carries a raw message's key (aggregate id), as in the Go system.
 KEY_HEADER = "X-Aggregate-ID"
+#: The key header as matched on the wire: header names are case-insensitive for it (Go writes X-Aggregate-Id).
+_KEY_HEADER_LOWER = KEY_HEADER.lower()
 #: Header JetStream deduplicates on; keyedbus sets it to the message id.
 MSG_ID_HEADER = "Nats-Msg-Id"
+#: Headers keyedbus adds to a dead letter.
+ERROR_HEADER = "Keyedbus-Error"
+ATTEMPTS_HEADER = "Keyedbus-Attempts"
+ORIGINAL_TOPIC_HEADER = "Keyedbus-Original-Topic"
+#: What a dead letter keeps under another name: headers the server would act on, a key that broke the rule.
+ORIGINAL_PREFIX = "Keyedbus-Original-"
+#: Lists the headers of a dead letter that had to be renamed, re-encoded or dropped to be sent again.
+REWRITTEN_HEADER = "Keyedbus-Rewritten-Headers"
+#: Headers nats-server acts on when a message is published (Nats-Expected-*, Nats-Msg-Id, Nats-Rollup,
+#: Nats-TTL, Nats-Batch-*, ...): every name under this prefix, so later servers' headers are covered too.
+_SERVER_PREFIX = "nats-"
+#: Headers keyedbus writes on a dead letter (dropped again when it is replayed).
+_DEAD_LETTER_OWN = frozenset(
+    n.lower() for n in (ERROR_HEADER, ATTEMPTS_HEADER, ORIGINAL_TOPIC_HEADER, REWRITTEN_HEADER)
+)
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 _TOPIC_RULE = (
@@ -45,7 +74,12 @@ _TOPIC_RULE = (
 )
 _KEY_CHARS = re.compile(r"[A-Za-z0-9:_\-./]+")
 _KEY_RULE = "use 1..256 characters of A-Z a-z 0-9 : _ - . /, e.g. 'order-123'"
-_HEADER_NAME = re.compile(r"[!-9;-~]+")  # printable ASCII except ':' (NATS header rules)
+#: An RFC 7230 token: what nats-py (and nats.go, nats.js) accept as a header name, so what NATS carries.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_RULE = (
+    "header names are letters, digits and ! # $ % & ' * + - . ^ _ ` | ~ (an RFC 7230 token, as NATS clients "
+    "require): no spaces, ':', '/', brackets or other separators"
+)
 
 
 #: Topic names already found valid: a program uses few topics and publishes to them over and over.
@@ -74,7 +108,13 @@ def _key_problem(key: str) -> str | None:
     if _KEY_CHARS.fullmatch(key):
         return None
     bad = next(c for c in key if not _KEY_CHARS.fullmatch(c))
-    return "has a space" if bad.isspace() else f"has an invalid character {bad!r}"
+    if bad == " ":
+        return "has a space"
+    if bad.isspace():
+        return f"has a whitespace character {bad!r}"
+    if not bad.isascii():
+        return f"has a non-ASCII character {bad!r}"
+    return f"has an invalid character {bad!r}"
 
 
 def check_key(key: object, *, what: str = "key") -> str:
@@ -101,7 +141,12 @@ def check_data(data: object) -> bytes:
 
 
 def check_headers(headers: object) -> dict[str, str]:
-    """Return a copy of `headers` as a dict after checking every name and value can travel on the wire."""
+    """Return a copy of `headers` as a dict after checking every name and value can travel on the wire.
+
+    The same rule holds on every backend: names are RFC 7230 tokens (what NATS clients send), values have no
+    CR or LF and are valid Unicode; surrounding spaces and tabs of a value are trimmed, as NATS does. The key
+    header may be written in any case (``X-Aggregate-Id``) but only once; it is stored as ``X-Aggregate-ID``.
+    """
     if headers is None:
         return {}
     if not isinstance(headers, Mapping):
@@ -113,13 +158,163 @@ def check_headers(headers: object) -> dict[str, str]:
                 f"headers must map str to str, got {type(name).__name__} {name!r}: {type(value).__name__}"
             )
         if not _HEADER_NAME.fullmatch(name):
-            raise InvalidHeaderError(
-                f"header name {name!r} is not allowed: use printable ASCII without ':' or spaces"
-            )
+            raise InvalidHeaderError(f"header name {name!r} is not allowed: {_HEADER_RULE}")
         if "\r" in value or "\n" in value:
             raise InvalidHeaderError(f"header {name!r} has a line break in its value: remove CR and LF")
-        out[name] = value
+        if not value.isascii() and _has_surrogate(value):
+            raise InvalidHeaderError(
+                f"header {name!r} has a value that is not valid Unicode (a lone surrogate): "
+                "decode bytes with errors='strict' or 'replace' first"
+            )
+        if name.lower() == _KEY_HEADER_LOWER:
+            if KEY_HEADER in out:
+                raise InvalidHeaderError(
+                    f"header {KEY_HEADER} is given twice (names differing only in case are the same "
+                    "header): give it once"
+                )
+            name = KEY_HEADER
+        out[name] = value.strip(" \t")
     return out
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def key_of_headers(headers: Mapping[str, str]) -> str | None:
+    """The key in a message's headers: ``X-Aggregate-ID`` in any case; None if absent or empty (keyless)."""
+    value = headers.get(KEY_HEADER)
+    if value is None:
+        for name, found in headers.items():
+            if name.lower() == _KEY_HEADER_LOWER:
+                value = found
+                break
+    return value or None
+
+
+def key_problem(key: str) -> str | None:
+    """What is wrong with a key by the key rule ("has a space", "too long (300)", ...), or None if valid."""
+    return _key_problem(key)
+
+
+def wire_key_problem(key: str) -> str | None:
+    """Why a key that arrived in a message's header breaks the key rule (a dead-letter reason), or None."""
+    problem = _key_problem(key)
+    if problem is None:
+        return None
+    shown = key if len(key) <= 64 else key[:61] + "..."
+    return (
+        f"InvalidKeyError: {KEY_HEADER} header {shown!r} {problem}; keys are 1..256 of A-Z a-z 0-9 : _ - . /"
+    )
+
+
+def header_problem(headers: Mapping[str, str]) -> str | None:
+    """Why headers that arrived from the wire cannot be handled (a dead-letter reason), or None.
+
+    Values that were not valid UTF-8 on the wire reach keyedbus as lone surrogates (surrogateescape).
+    """
+    for name, value in headers.items():
+        if not value.isascii() and _has_surrogate(value):
+            return f"InvalidHeaderError: header {name!r} is not valid UTF-8"
+    return None
+
+
+def _sendable_name(name: str) -> str:
+    """A header name NATS accepts that says which name it stands for (what is not allowed %-encoded)."""
+    return "".join(c if _HEADER_NAME.fullmatch(c) and c != "%" else f"%{ord(c):02X}" for c in name)
+
+
+def _sendable_value(value: str) -> str:
+    return (
+        value.encode("utf-8", "surrogateescape")
+        .decode("utf-8", "replace")
+        .replace("\r", " ")
+        .replace("\n", " ")
+        .strip(" \t")
+    )
+
+
+def dead_letter_headers(
+    headers: Mapping[str, str], *, key: str | None, error: str, attempts: int, topic: str
+) -> dict[str, str]:
+    """The headers of the dead letter of a message that had `headers`: always sendable, never acted on.
+
+    Headers the server interprets (every ``Nats-*``: ``Nats-Expected-*``, the original ``Nats-Msg-Id``,
+    ``Nats-Rollup``, ``Nats-TTL``, ``Nats-Batch-*``) are kept under ``Keyedbus-Original-<name>``, so the dead
+    letter cannot be refused or rolled up. The key goes in ``X-Aggregate-ID`` if it keeps the key rule, else
+    under ``Keyedbus-Original-X-Aggregate-ID`` (the dead letter is keyless). Names NATS refuses are
+    percent-encoded under the prefix, values that were not UTF-8 get U+FFFD; ``Keyedbus-Rewritten-Headers``
+    lists each such change. Then ``Keyedbus-Error`` (one line, at most 1024 characters), ``Keyedbus-Attempts``
+    and ``Keyedbus-Original-Topic``.
+    """
+    out: dict[str, str] = {}
+    rewritten: list[str] = []
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower == _KEY_HEADER_LOWER or lower in _DEAD_LETTER_OWN:
+            continue
+        sendable = _sendable_value(value)
+        if sendable != value.strip(" \t"):
+            rewritten.append(f"{name} (value not UTF-8 or not one line: re-encoded)")
+        if not _HEADER_NAME.fullmatch(name):
+            renamed = ORIGINAL_PREFIX + _sendable_name(name)
+            out[renamed] = sendable
+            rewritten.append(f"{_sendable_value(name)!r} (a name NATS refuses: sent as {renamed})")
+        elif lower.startswith(_SERVER_PREFIX):
+            out[ORIGINAL_PREFIX + name] = sendable
+        else:
+            out[name] = sendable
+    wire_key = key_of_headers(headers)
+    valid = key is not None and _key_problem(key) is None
+    if key is not None and valid:
+        out[KEY_HEADER] = key
+    if wire_key is not None and (wire_key != key or not valid):
+        out[ORIGINAL_PREFIX + KEY_HEADER] = _sendable_value(wire_key)
+    if rewritten:
+        out[REWRITTEN_HEADER] = _header_text("; ".join(rewritten))
+    out[ERROR_HEADER] = _header_text(error)
+    out[ATTEMPTS_HEADER] = str(attempts)
+    out[ORIGINAL_TOPIC_HEADER] = topic
+    return out
+
+
+def replay_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers to publish a dead letter back with: keyedbus's own and the server's dropped.
+
+    What the original carried for the server stays under ``Keyedbus-Original-`` (restoring
+    ``Nats-Expected-*`` would make the replay fail the same way); the key is passed separately.
+    """
+    return {
+        name: value
+        for name, value in headers.items()
+        if (lower := name.lower()) not in _DEAD_LETTER_OWN
+        and lower != _KEY_HEADER_LOWER
+        and not lower.startswith(_SERVER_PREFIX)
+    }
+
+
+def _header_text(text: str) -> str:
+    """Make a text fit in one header value."""
+    flat = " ".join(_sendable_value(text).split())
+    return flat if len(flat) <= 1024 else flat[:1021] + "..."
+
+
+#: What NATS puts around headers: "NATS/1.0\r\n" ... "\r\n".
+_HEADER_FRAME = len(b"NATS/1.0\r\n\r\n")
+
+
+def wire_size(data: bytes, headers: Mapping[str, str]) -> int:
+    """Bytes a message counts against a NATS max_payload: payload plus headers as NATS encodes them."""
+    if not headers:
+        return len(data)
+    size = _HEADER_FRAME + len(data)
+    for name, value in headers.items():
+        size += len(name) + 4 + (len(value) if value.isascii() else len(value.encode("utf-8", "replace")))
+    return size
 
 
 def new_message_id() -> str:
@@ -155,7 +350,8 @@ class Message:
 # --- Envelope -------------------------------------------------------------------------------------------
 
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
+    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
 )
 _MAX_INT64 = 2**63 - 1
 
@@ -170,7 +366,10 @@ def _parse_timestamp(text: str) -> _dt.datetime | None:
     if m.group(8):
         tz = _dt.timezone.utc
     else:
-        delta = _dt.timedelta(hours=int(m.group(10)), minutes=int(m.group(11)))
+        offset_hours, offset_minutes = int(m.group(10)), int(m.group(11))
+        if offset_hours > 23 or offset_minutes > 59:  # RFC 3339 time-numoffset; timezone() refuses more
+            return None
+        delta = _dt.timedelta(hours=offset_hours, minutes=offset_minutes)
         tz = _dt.timezone(-delta if m.group(9) == "-" else delta)
     try:
         return _dt.datetime(year, month, day, hour, minute, min(second, 59), micros, tzinfo=tz)
@@ -276,6 +475,16 @@ class Envelope:
             raise _fail(
                 f"payload not JSON ({exc})", "use dicts, lists, str, int, float, bool and None"
             ) from None
+        except RecursionError:
+            raise _fail("payload nested too deeply", "flatten it (JSON nested hundreds deep)") from None
+        if not text.isascii() and _has_surrogate(text):
+            raise _fail("payload has a lone surrogate", "strings must be valid Unicode to be sent as UTF-8")
+        for name in ("event_type", "trace_id", "correlation_id", "event_id"):
+            value = getattr(self, name)
+            if not value.isascii() and _has_surrogate(value):
+                raise _fail(
+                    f"{name} has a lone surrogate", "strings must be valid Unicode to be sent as UTF-8"
+                )
         object.__setattr__(self, "_payload_json", text)
 
     def encode(self) -> bytes:
@@ -298,17 +507,38 @@ class Envelope:
 
     @classmethod
     def decode(cls, data: bytes) -> Envelope:
-        """Parse the Go system's JSON envelope; raise InvalidEnvelopeError naming the broken rule."""
+        """Parse the Go system's JSON envelope; raise InvalidEnvelopeError naming the broken rule.
+
+        Whatever the bytes (not UTF-8, empty, nested thousands deep, numbers of any size, impossible dates),
+        the only error is InvalidEnvelopeError; passing something that is not bytes is an ArgumentTypeError.
+        """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ArgumentTypeError(f"Envelope.decode takes bytes, got {type(data).__name__}")
         try:
-            text = bytes(data).decode("utf-8")
+            return cls._decode(bytes(data))
+        except InvalidEnvelopeError:
+            raise
+        except RecursionError:
+            raise _fail("nested too deeply", "an envelope is one JSON object of ordinary depth") from None
+        except Exception as exc:  # a rule this parser missed must still be a decode error, never a crash
+            raise _fail(f"not a valid envelope ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def _decode(cls, data: bytes) -> Envelope:
+        if not data:
+            raise _fail("empty payload (0 bytes)", "envelopes are one JSON object")
+        try:
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise _fail("invalid UTF-8", "envelopes are UTF-8 JSON") from None
         try:
             obj = json.loads(text, parse_constant=_reject_constant)
-        except ValueError:
-            raise _fail("not JSON", "envelopes are one JSON object") from None
+        except RecursionError:
+            raise _fail("nested too deeply", "an envelope is one JSON object of ordinary depth") from None
+        except ValueError as exc:
+            # Python refuses integers over 4300 digits with a ValueError of its own: say so.
+            reason = "not JSON (a number too long to read)" if "digits" in str(exc) else "not JSON"
+            raise _fail(reason, "envelopes are one JSON object") from None
         if not isinstance(obj, dict):
             kind = "an array" if isinstance(obj, list) else f"a {type(obj).__name__}"
             raise _fail(f"top level is {kind}", "an envelope is one JSON object")

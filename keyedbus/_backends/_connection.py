@@ -22,7 +22,7 @@ import trio
 import trio_asyncio
 
 from .._errors import ConnectionFailedError, KeyedBusError, PublishError
-from .._messages import KEY_HEADER, MSG_ID_HEADER, Message
+from .._messages import MSG_ID_HEADER, Message, key_of_headers
 from . import _natspy
 from ._urls import safe_url
 
@@ -39,7 +39,7 @@ def message_from(topic: str, data: bytes | None, headers: dict[str, str] | None,
     return Message(
         topic=topic,
         data=data or b"",
-        key=headers.get(KEY_HEADER),
+        key=key_of_headers(headers),
         headers=headers,
         attempt=attempt,
         message_id=headers.get(MSG_ID_HEADER, ""),

@@ -16,7 +16,7 @@ import trio
 
 from .._config import TopicConfig
 from .._errors import TopicConfigConflictError
-from .._messages import KEY_HEADER, Message
+from .._messages import Message, key_of_headers
 from ._base import AtMostOnceDelivery, Inbox, Outgoing
 
 __all__ = ["DEFAULT_MAX_MSGS", "DEDUP_WINDOW", "MemoryBackend"]
@@ -207,7 +207,7 @@ class _Group:
             message = Message(
                 topic=topic.name,
                 data=entry.data,
-                key=entry.headers.get(KEY_HEADER),
+                key=key_of_headers(entry.headers),
                 headers=entry.headers,
                 attempt=count,
                 message_id=entry.message_id,
@@ -365,7 +365,7 @@ class MemoryBackend:
             message = Message(
                 topic=t.name,
                 data=data,
-                key=headers.get(KEY_HEADER),
+                key=key_of_headers(headers),
                 headers=headers,
                 attempt=1,
                 message_id=message_id,
