@@ -73,7 +73,16 @@ class ConnectionFailedError(KeyedBusError):
 
 
 class PublishError(KeyedBusError):
-    """The broker did not store a published message."""
+    """A publish failed: refused at the call, or the broker's store ack did not come.
+
+    `topic` and `message_id` name the message (None where not known). The message says whether it may
+    have been stored anyway; publishing again with the same `message_id` is always safe.
+    """
+
+    def __init__(self, message: str, *, topic: str | None = None, message_id: str | None = None) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.message_id = message_id
 
 
 class HandlerTimeoutError(KeyedBusError):

@@ -53,6 +53,7 @@ class Publish:
     topic: str
     data: bytes
     headers: dict[str, str]
+    message_id: str
     #: Set once the store ack (or error) is in, for a persistent publish; None for core NATS, which nobody
     #: waits for (no Event per message on the hot path).
     done: trio.Event | None
@@ -171,12 +172,12 @@ class NatsConnection:
                 else:
                     await self.nc.publish(request.topic, request.data, headers=request.headers or None)
             except Exception as exc:
-                results[index] = _publish_error(request.topic, exc)
+                results[index] = _publish_error(request, exc, sent=False)
         if pending:
             acks = await asyncio.gather(*(c for _, c in pending), return_exceptions=True)
             for (index, _), ack in zip(pending, acks, strict=True):
                 if isinstance(ack, BaseException):
-                    results[index] = _publish_error(batch[index].topic, ack)
+                    results[index] = _publish_error(batch[index], ack, sent=True)
                 else:
                     results[index] = int(ack.seq)
         return results
@@ -250,10 +251,34 @@ async def _gather(receive: trio.MemoryReceiveChannel[Publish], first: Publish) -
     return batch
 
 
-def _publish_error(topic: str, exc: BaseException) -> KeyedBusError:
+def _publish_error(request: Publish, exc: BaseException, *, sent: bool) -> KeyedBusError:
+    """The error a publisher sees, with the nats-py error as its cause."""
+    topic, message_id = request.topic, request.message_id
+    reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    error: PublishError
     if isinstance(exc, nats.errors.MaxPayloadError):
-        return PublishError(f"message for {topic!r} is larger than the server's max_payload: {exc}")
-    return PublishError(f"the broker did not store a message for {topic!r}: {type(exc).__name__}: {exc}")
+        error = PublishError(
+            f"message {message_id!r} for {topic!r} is larger than the server's max_payload ({reason})",
+            topic=topic,
+            message_id=message_id,
+        )
+    elif sent and isinstance(exc, (nats.errors.TimeoutError, asyncio.TimeoutError)):
+        # The message went out; only the server's answer is missing. It may well be stored.
+        error = PublishError(
+            f"no store ack for message {message_id!r} on {topic!r} ({reason}): it may or may not be "
+            f"stored; publishing it again with message_id={message_id!r} is safe (JetStream stores it once)",
+            topic=topic,
+            message_id=message_id,
+        )
+    else:
+        error = PublishError(
+            f"the broker did not store message {message_id!r} for {topic!r} ({reason}); publishing it "
+            f"again with message_id={message_id!r} is safe",
+            topic=topic,
+            message_id=message_id,
+        )
+    error.__cause__ = exc
+    return error
 
 
 def open_loop() -> Any:

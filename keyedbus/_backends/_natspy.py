@@ -20,8 +20,10 @@ __all__ = [
     "SUPPORTED",
     "api_prefix",
     "check_version",
+    "encoded_size",
     "is_data",
     "request_pull",
+    "status_of",
     "subscription_id",
     "take",
     "take_nowait",
@@ -90,6 +92,18 @@ def take_nowait(sub: Any) -> list[Any]:
     return batch
 
 
+def encoded_size(data: bytes, headers: dict[str, str] | None) -> int:
+    """The bytes nats-server counts against max_payload: the payload plus headers as nats-py encodes them
+    (`NATS/1.0` line, `name: value` lines, blank line; names and values stripped)."""
+    if headers is None:
+        return len(data)
+    size = len(b"NATS/1.0\r\n\r\n")
+    for name, value in headers.items():
+        if name.strip():
+            size += len(name.strip().encode()) + len(value.strip().encode()) + 4
+    return len(data) + size
+
+
 def subscription_id(sub: Any) -> int:
     """The sid nats-py names a subscription by in slow-consumer errors."""
     return int(sub._id)
@@ -111,8 +125,12 @@ async def request_pull(
 
 
 def is_data(msg: Any) -> bool:
-    """Whether a message on a pull inbox is a stored message (not a server status reply)."""
-    return not (msg.headers and msg.headers.get("Status"))
+    """Whether a message on a pull inbox is a stored message, not a server status reply.
+
+    Stored messages come with a `$JS.ACK.` reply subject, whatever their headers say (a publisher may set
+    a header named `Status` itself); status replies (404, 408, 409, 100) have none.
+    """
+    return str(msg.reply or "").startswith("$JS.ACK.")
 
 
 def status_of(msg: Any) -> str:

@@ -115,16 +115,16 @@ class NatsBackend:
     async def publish(self, out: Outgoing) -> None:
         if not out.config.persistent:
             # Core NATS: "sent" means handed to the connection, as in nats-py; the pump sends it in a batch.
-            await self._conn.queue_publish(self._core_publish(out))
+            await self._conn.queue_publish(self._request(out, None))
             return
+        request = self._request(out, trio.Event())
         await self._streams.ensure(out.topic, out.config)
-        # Nats-Msg-Id always: JetStream keeps its own duplicate window, whatever `out.dedup` says.
-        done = trio.Event()
-        request = Publish(out.topic, out.data, {**out.headers, MSG_ID_HEADER: out.message_id}, done)
         await self._conn.queue_publish(request)
-        await done.wait()
+        assert request.done is not None
+        await request.done.wait()
         if request.error is not None:
-            raise request.error
+            # Raised in the pump's task; raised again here with the same cause.
+            raise request.error from request.error.__cause__
 
     def publish_nowait(self, out: Outgoing) -> None:
         if out.config.persistent:
@@ -132,17 +132,28 @@ class NatsBackend:
                 f"publish_nowait cannot wait for JetStream's store ack on persistent topic {out.topic!r}: "
                 "use 'await bus.publish(...)'"
             )
-        self._conn.queue_publish_nowait(self._core_publish(out))
+        self._conn.queue_publish_nowait(self._request(out, None))
 
-    def _core_publish(self, out: Outgoing) -> Publish:
-        topic, data = out.topic, out.data
+    def _request(self, out: Outgoing, done: trio.Event | None) -> Publish:
+        """The message for the publish pump, checked against the server's max_payload at the call.
+
+        Every publish carries Nats-Msg-Id: JetStream keeps its own duplicate window whatever `out.dedup`
+        says, and a core subscriber sees the same `message_id` as on memory://.
+        """
+        headers = {**out.headers, MSG_ID_HEADER: out.message_id}
+        size = _natspy.encoded_size(out.data, headers)
         limit = int(self._nc.max_payload)
-        if len(data) > limit:
+        if size > limit:
+            # nats-py checks the payload alone; the server counts headers too and would drop the
+            # connection, failing every publish queued behind this one.
             raise PublishError(
-                f"message for {topic!r} has {len(data)} bytes, more than the server's max_payload "
-                f"({limit}): send a reference to the data, or raise max_payload in nats-server's config"
+                f"message {out.message_id!r} for {out.topic!r} is {size} bytes ({len(out.data)} of data + "
+                f"{size - len(out.data)} of encoded headers), more than the server's max_payload ({limit}): "
+                "send a reference to the data, or raise max_payload in nats-server's config",
+                topic=out.topic,
+                message_id=out.message_id,
             )
-        return Publish(topic, data, out.headers, None)
+        return Publish(out.topic, out.data, headers, out.message_id, done)
 
     # -- subscribing ----------------------------------------------------------------------------------
 
