@@ -63,5 +63,7 @@ def torture(session: nox.Session) -> None:
 @nox.session(python=DEFAULT)
 def bench(session: nox.Session) -> None:
     """Every benchmark scenario of BENCH.md at full size (pass --quick for the CI size, --only NAME)."""
-    session.install("-e", ".[test]")
+    # FastStream is the peer of the peer_* scenarios: installed here only, never a runtime or test dependency
+    # (without it those scenarios are reported as skipped, as in CI's quick run).
+    session.install("-e", ".[test]", "faststream[nats]==0.7.8")
     session.run("python", "benchmarks/bench.py", *session.posargs)

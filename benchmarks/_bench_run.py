@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
+import inspect
 import json
 import logging
+import os
 import random
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 
 def _keys(count: int) -> list[str]:
@@ -27,6 +30,25 @@ def _rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+_profiler: Any = None
+
+
+def _profile(on: bool) -> None:
+    """Profile only the timed section, when hotspots.py asks (KEYEDBUS_BENCH_PROFILE names the output)."""
+    global _profiler
+    path = os.environ.get("KEYEDBUS_BENCH_PROFILE")
+    if not path:
+        return
+    if on:
+        import cProfile
+
+        _profiler = cProfile.Profile()
+        _profiler.enable()
+    else:
+        _profiler.disable()
+        _profiler.dump_stats(path)
 
 
 # -- trio sides ---------------------------------------------------------------------------------------------
@@ -62,10 +84,12 @@ async def ours_pool_memory(p: dict[str, Any]) -> dict[str, Any]:
     async with keyedbus.open_bus() as bus:
         await bus.subscribe("bench", handler)
         start = time.perf_counter()
+        _profile(True)
         for i in range(p["messages"]):
             await bus.publish("bench", b"x", key=keys[i % len(keys)])
         await done.wait()
         elapsed = time.perf_counter() - start
+        _profile(False)
     return {"value": p["messages"] / elapsed}
 
 
@@ -99,17 +123,19 @@ async def ours_nats_core(p: dict[str, Any], url: str) -> dict[str, Any]:
     import keyedbus
 
     keys = _keys(p["keys"])
-    topic = f"bench.core{p['rep']}"
+    topic = f"bench.core{p.get('tag', '')}{p['rep']}"
     handler, done = await _counting(p["messages"])
     config = keyedbus.TopicConfig(persistence="ephemeral")
     async with keyedbus.open_bus(url, default_topic=config) as bus:
         await bus.subscribe(topic, handler)
         start = time.perf_counter()
+        _profile(True)
         for i in range(p["messages"]):
             await bus.publish(topic, b"x", key=keys[i % len(keys)])
         with trio.move_on_after(120):
             await done.wait()
         elapsed = time.perf_counter() - start
+        _profile(False)
         stats = bus.statistics()
     return {"value": stats.handled / elapsed, "dropped": stats.dropped}
 
@@ -120,7 +146,7 @@ async def ours_jetstream(p: dict[str, Any], url: str) -> dict[str, Any]:
     import keyedbus
 
     keys = _keys(p["keys"])
-    topic = f"bench.js{p['rep']}.ours"
+    topic = f"bench.js{p.get('tag', '')}{p['rep']}.ours"
     handler, done = await _counting(p["messages"])
     async with keyedbus.open_bus(url) as bus:
 
@@ -132,9 +158,11 @@ async def ours_jetstream(p: dict[str, Any], url: str) -> dict[str, Any]:
             for first in range(64):
                 nursery.start_soon(publisher, first)
         start = time.perf_counter()
+        _profile(True)
         await bus.subscribe(topic, handler)
         await done.wait()
         elapsed = time.perf_counter() - start
+        _profile(False)
     return {"value": p["messages"] / elapsed}
 
 
@@ -270,7 +298,7 @@ async def _latency(p: dict[str, Any], publish: Any, setup: Any) -> dict[str, Any
     total = p["messages"]
     done = trio.Event()
     probe_done = trio.Event()
-    probe = 5_000
+    probe = p.get("probe", 5_000)
 
     async def on_message(stamp: float) -> None:
         latencies.append(time.perf_counter() - stamp)
@@ -350,7 +378,7 @@ async def baseline_latency(p: dict[str, Any]) -> dict[str, Any]:
 # -- plain asyncio NATS baselines (this process never imports trio_asyncio) ---------------------------------
 
 
-def _asyncio_nats_core(p: dict[str, Any], url: str) -> dict[str, Any]:
+def baseline_nats_core(p: dict[str, Any], url: str) -> dict[str, Any]:
     import asyncio
 
     import nats
@@ -383,17 +411,17 @@ def _asyncio_nats_core(p: dict[str, Any], url: str) -> dict[str, Any]:
     return asyncio.run(main())
 
 
-def _asyncio_jetstream(p: dict[str, Any], url: str) -> dict[str, Any]:
+def baseline_jetstream(p: dict[str, Any], url: str) -> dict[str, Any]:
     import asyncio
 
     import nats
 
     async def main() -> dict[str, Any]:
         keys = _keys(p["keys"])
-        topic = f"bench.js{p['rep']}.raw"
+        topic = f"bench.js{p.get('tag', '')}{p['rep']}.raw"
         nc = await nats.connect(url)
         js = nc.jetstream()
-        await js.add_stream(name=f"RAW{p['rep']}", subjects=[topic])
+        await js.add_stream(name=f"RAW{p.get('tag', '')}{p['rep']}", subjects=[topic])
         for i in range(p["messages"]):  # stored first, not timed
             await js.publish_async(topic, b"x", headers={"X-Aggregate-ID": keys[i % len(keys)]})
         await js.publish_async_completed()
@@ -415,21 +443,481 @@ def _asyncio_jetstream(p: dict[str, Any], url: str) -> dict[str, Any]:
     return asyncio.run(main())
 
 
+# -- latency on NATS: keyedbus at half its own maximum rate, raw nats-py at that same rate -------------------
+
+
+async def ours_latency_nats(p: dict[str, Any], url: str) -> dict[str, Any]:
+    from contextlib import asynccontextmanager
+
+    import keyedbus
+
+    persistence: Literal["persistent", "ephemeral"] = (
+        "persistent" if p["backend"] == "jetstream" else "ephemeral"
+    )
+    topic = f"bench.lat.{p['backend']}{p['rep']}.ours"
+
+    @asynccontextmanager
+    async def setup(on_message: Any) -> Any:
+        async def handler(msg: keyedbus.Message) -> None:
+            await on_message(float(msg.data))
+
+        config = keyedbus.TopicConfig(persistence=persistence)
+        async with keyedbus.open_bus(url, default_topic=config) as bus:
+            await bus.subscribe(topic, handler)
+
+            async def send(key: str, stamp: float) -> None:
+                await bus.publish(topic, repr(stamp).encode(), key=key)
+
+            yield send
+
+    return await _latency(p, None, setup)
+
+
+def baseline_latency_nats(p: dict[str, Any], url: str) -> dict[str, Any]:
+    """Raw nats-py on plain asyncio, paced at the rate ours measured (handed over as p["rate"])."""
+    import asyncio
+
+    import nats
+
+    async def main() -> dict[str, Any]:
+        keys = _keys(p["keys"])
+        topic = f"bench.lat.{p['backend']}{p['rep']}.raw"
+        latencies: list[float] = []
+        probe, total = p["probe"], p["messages"]
+        probe_done, done = asyncio.Event(), asyncio.Event()
+
+        def on_message(data: bytes) -> None:
+            latencies.append(time.perf_counter() - float(data))
+            if len(latencies) == probe:
+                probe_done.set()
+            if len(latencies) == probe + total:
+                done.set()
+
+        nc = await nats.connect(url)
+        consumer: asyncio.Task[None] | None = None
+        if p["backend"] == "jetstream":
+            js = nc.jetstream()
+            await js.add_stream(name=f"RAWLAT{p['rep']}", subjects=[topic])
+            psub = await js.pull_subscribe(topic, durable="raw")
+
+            async def consume() -> None:
+                while True:
+                    try:
+                        msgs = await psub.fetch(256, timeout=1)
+                    except nats.errors.TimeoutError:
+                        continue
+                    for msg in msgs:
+                        on_message(msg.data)
+                        await msg.ack()
+
+            consumer = asyncio.create_task(consume())
+
+            async def send(key: str, stamp: float) -> None:
+                await js.publish(topic, repr(stamp).encode(), headers={"X-Aggregate-ID": key})
+
+        else:
+
+            async def cb(msg: Any) -> None:
+                on_message(msg.data)
+
+            await nc.subscribe(topic, cb=cb)
+            await nc.flush()
+
+            async def send(key: str, stamp: float) -> None:
+                await nc.publish(topic, repr(stamp).encode(), headers={"X-Aggregate-ID": key})
+
+        for i in range(probe):  # warms up as ours does; the rate is ours'
+            await send(keys[i % len(keys)], time.perf_counter())
+        await asyncio.wait_for(probe_done.wait(), 120)
+        rate = float(p["rate"])
+        burst = max(1, int(rate / 1000))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i in range(total):
+            if i % burst == 0:
+                await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+            await send(keys[i % len(keys)], time.perf_counter())
+        await asyncio.wait_for(done.wait(), 120)
+        if consumer is not None:
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+        await nc.close()
+        measured = sorted(latencies[probe:])
+        return {
+            "value": measured[int(len(measured) * 0.99)] * 1000,
+            "p50_ms": measured[len(measured) // 2] * 1000,
+            "rate": rate,
+        }
+
+    return asyncio.run(main())
+
+
+# -- peers: FastStream (asyncio; installed only in the bench session) ----------------------------------------
+
+ours_peer_nats_core = ours_nats_core
+ours_peer_jetstream = ours_jetstream
+
+
+def _faststream_core(p: dict[str, Any], url: str, max_workers: int | None) -> dict[str, Any]:
+    """The plainest FastStream code: a NatsBroker, one subscriber, broker.publish with the key header."""
+    import asyncio
+
+    faststream: Any = importlib.import_module("faststream.nats")
+
+    async def main() -> dict[str, Any]:
+        keys = _keys(p["keys"])
+        topic = f"bench.fscore{p['rep']}.w{max_workers or 1}"
+        broker = faststream.NatsBroker(url, logger=None)
+        done = asyncio.Event()
+        count = 0
+        options: dict[str, Any] = {"max_workers": max_workers} if max_workers else {}
+
+        async def handle(body: bytes) -> None:
+            nonlocal count
+            count += 1
+            if count == p["messages"]:
+                done.set()
+
+        broker.subscriber(topic, **options)(handle)  # as @broker.subscriber(...) would
+
+        await broker.start()
+        start = time.perf_counter()
+        for i in range(p["messages"]):
+            await broker.publish(b"x", topic, headers={"X-Aggregate-ID": keys[i % len(keys)]})
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(done.wait(), 300)
+        elapsed = time.perf_counter() - start
+        await broker.stop()
+        return {"value": count / elapsed, "handled": count}
+
+    return asyncio.run(main())
+
+
+def faststream_peer_nats_core(p: dict[str, Any], url: str) -> dict[str, Any]:
+    return _faststream_core(p, url, None)
+
+
+def faststream_max_workers_peer_nats_core(p: dict[str, Any], url: str) -> dict[str, Any]:
+    return _faststream_core(p, url, 256)  # as many as keyedbus's workers; drops key order
+
+
+def _faststream_jetstream(p: dict[str, Any], url: str, max_workers: int | None) -> dict[str, Any]:
+    """FastStream's pull subscriber (batches of 256, as the raw baseline fetches); acks after the handler."""
+    import asyncio
+
+    import nats
+
+    faststream: Any = importlib.import_module("faststream.nats")
+
+    async def main() -> dict[str, Any]:
+        keys = _keys(p["keys"])
+        stream = f"FS{p['rep']}W{max_workers or 1}"
+        topic = f"bench.fsjs{p['rep']}.w{max_workers or 1}"
+        nc = await nats.connect(url)  # stored first, not timed
+        js = nc.jetstream()
+        await js.add_stream(name=stream, subjects=[topic])
+        for i in range(p["messages"]):
+            await js.publish_async(topic, b"x", headers={"X-Aggregate-ID": keys[i % len(keys)]})
+        await js.publish_async_completed()
+        await nc.close()
+
+        broker = faststream.NatsBroker(url, logger=None)
+        done = asyncio.Event()
+        count = 0
+        options: dict[str, Any] = {"max_workers": max_workers} if max_workers else {}
+
+        async def handle(body: bytes) -> None:
+            nonlocal count
+            count += 1
+            if count == p["messages"]:
+                done.set()
+
+        broker.subscriber(
+            topic,
+            stream=faststream.JStream(stream, declare=False),
+            durable="fs",
+            pull_sub=faststream.PullSub(batch_size=256),
+            **options,
+        )(handle)
+
+        start = time.perf_counter()
+        await broker.start()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(done.wait(), 300)
+        elapsed = time.perf_counter() - start
+        await broker.stop()
+        return {"value": count / elapsed, "handled": count}
+
+    return asyncio.run(main())
+
+
+def faststream_peer_jetstream(p: dict[str, Any], url: str) -> dict[str, Any]:
+    return _faststream_jetstream(p, url, None)
+
+
+def faststream_max_workers_peer_jetstream(p: dict[str, Any], url: str) -> dict[str, Any]:
+    return _faststream_jetstream(p, url, 256)
+
+
+# -- scale-out: one group, 2 member processes against 1, P partitions (needs TopicConfig.partitions) ---------
+
+
+async def _scaleout_store(p: dict[str, Any], url: str, topic: str) -> dict[str, Any]:
+    import trio
+
+    import keyedbus
+
+    keys = _keys(p["keys"])
+    config = keyedbus.TopicConfig(partitions=p["partitions"])  # type: ignore[call-arg,unused-ignore]
+    async with keyedbus.open_bus(url) as bus:
+        await bus.configure_topic(topic, config)
+
+        async def publisher(first: int) -> None:
+            for i in range(first, p["messages"], 64):
+                await bus.publish(topic, b"x", key=keys[i % len(keys)])
+
+        async with trio.open_nursery() as nursery:
+            for first in range(64):
+                nursery.start_soon(publisher, first)
+    return {}
+
+
+async def member_scaleout(p: dict[str, Any], url: str) -> dict[str, Any]:
+    """One member process: ready, then on "go" (stdin) subscribe to the group; prints its handled count."""
+    import trio
+
+    import keyedbus
+
+    count = 0
+    delay = p["handler_ms"] / 1000
+
+    async def handler(_: keyedbus.Message) -> None:
+        nonlocal count
+        if delay:
+            await trio.sleep(delay)
+        count += 1
+
+    config = keyedbus.TopicConfig(partitions=p["partitions"])  # type: ignore[call-arg,unused-ignore]
+    pool = keyedbus.PoolConfig(workers=p["workers"])
+    async with keyedbus.open_bus(url, pool=pool, drain_timeout=1) as bus:
+        await bus.configure_topic(p["topic"], config)
+        print("ready", flush=True)
+        await trio.to_thread.run_sync(sys.stdin.readline)
+        await bus.subscribe(p["topic"], handler, group="bench")
+        async with trio.open_nursery() as nursery:
+
+            async def report() -> None:
+                shown = 0
+                while True:
+                    if count != shown:
+                        shown = count
+                        print(shown, flush=True)
+                    await trio.sleep(0.01)
+
+            nursery.start_soon(report)
+            await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)  # EOF: stop
+            nursery.cancel_scope.cancel()
+    return {"value": count}
+
+
+def _scaleout(p: dict[str, Any], url: str, members: int) -> dict[str, Any]:
+    import subprocess
+    import threading
+
+    topic = f"bench.scale.{p['tag']}{p['rep']}.m{members}"
+    _trio(_scaleout_store, p, url, topic)  # stored first, not timed
+    params = json.dumps({**p, "topic": topic})
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "scaleout", "member", params, url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(members)
+    ]
+    counts = [0] * members
+    finished = threading.Event()
+    end = [0.0]
+
+    def follow(index: int, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip().isdigit():
+                counts[index] = int(line)
+                if sum(counts) >= p["messages"] and not finished.is_set():
+                    end[0] = time.perf_counter()
+                    finished.set()
+
+    try:
+        for proc in procs:  # every member connected and configured before the clock starts
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("a scale-out member did not start")
+        readers = [
+            threading.Thread(target=follow, args=(i, proc), daemon=True) for i, proc in enumerate(procs)
+        ]
+        for reader in readers:
+            reader.start()
+        start = time.perf_counter()
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        if not finished.wait(600):
+            raise RuntimeError(f"scale-out: only {sum(counts)} of {p['messages']} handled in 600 s")
+    finally:
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        for proc in procs:
+            proc.wait(60)
+    return {"value": p["messages"] / (end[0] - start), "per_member": counts}
+
+
+def ours_scaleout(p: dict[str, Any], url: str) -> dict[str, Any]:
+    return _scaleout(p, url, 2)
+
+
+def baseline_scaleout(p: dict[str, Any], url: str) -> dict[str, Any]:
+    return _scaleout(p, url, 1)
+
+
+# -- memory per queued message and per idle subscription (tracemalloc, bytes) -----------------------------
+
+
+def _traced() -> int:
+    import tracemalloc
+
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0]
+
+
+async def ours_memory_per_message(p: dict[str, Any]) -> dict[str, Any]:
+    """Bytes held per message published to memory:// and queued (every handler busy) until handled."""
+    import tracemalloc
+
+    import trio
+    import trio.testing
+
+    import keyedbus
+
+    keys = _keys(p["keys"])
+    release = trio.Event()
+
+    async def handler(_: keyedbus.Message) -> None:
+        await release.wait()
+
+    tracemalloc.start()
+    async with keyedbus.open_bus() as bus:
+        await bus.subscribe("bench", handler)
+        await bus.publish("bench", b"x", key="warm-up")  # first-use allocations are not per message
+        await trio.testing.wait_all_tasks_blocked()
+        before = _traced()
+        for i in range(p["messages"]):
+            await bus.publish("bench", b"x", key=keys[i % len(keys)])
+        await trio.testing.wait_all_tasks_blocked()
+        after = _traced()
+        queued = bus.statistics().queued
+        release.set()
+    tracemalloc.stop()
+    return {"value": (after - before) / p["messages"], "queued": queued}
+
+
+async def baseline_memory_per_message(p: dict[str, Any]) -> dict[str, Any]:
+    """The same messages queued in the raw trio fan-out (256 channels, 256 busy workers)."""
+    import tracemalloc
+
+    import trio
+    import trio.testing
+
+    keys = _keys(p["keys"])
+    release = trio.Event()
+    tracemalloc.start()
+    channels = [trio.open_memory_channel[tuple[str, bytes]](1000) for _ in range(256)]
+
+    async def worker(receive: trio.MemoryReceiveChannel[tuple[str, bytes]]) -> None:
+        async for _ in receive:
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        for _, receive in channels:
+            nursery.start_soon(worker, receive)
+        await trio.testing.wait_all_tasks_blocked()
+        before = _traced()
+        for i in range(p["messages"]):
+            key = keys[i % len(keys)]
+            await channels[hash(key) % 256][0].send((key, b"x"))
+        await trio.testing.wait_all_tasks_blocked()
+        after = _traced()
+        release.set()
+        nursery.cancel_scope.cancel()
+    tracemalloc.stop()
+    return {"value": (after - before) / p["messages"]}
+
+
+async def ours_memory_per_subscription(p: dict[str, Any]) -> dict[str, Any]:
+    """Bytes per idle memory:// subscription (its own topic, nothing published)."""
+    import tracemalloc
+
+    import trio.testing
+
+    import keyedbus
+
+    async def handler(_: keyedbus.Message) -> None:
+        pass
+
+    tracemalloc.start()
+    async with keyedbus.open_bus() as bus:
+        await bus.subscribe("bench.warm-up", handler)
+        await trio.testing.wait_all_tasks_blocked()
+        before = _traced()
+        for t in range(p["topics"]):
+            await bus.subscribe(f"bench.t{t}", handler)
+        await trio.testing.wait_all_tasks_blocked()
+        after = _traced()
+    tracemalloc.stop()
+    return {"value": (after - before) / p["topics"]}
+
+
+async def baseline_memory_per_subscription(p: dict[str, Any]) -> dict[str, Any]:
+    """A plain trio subscription: a memory channel and a task waiting on it."""
+    import tracemalloc
+
+    import trio
+    import trio.testing
+
+    async def reader(receive: trio.MemoryReceiveChannel[bytes]) -> None:
+        async for _ in receive:
+            pass
+
+    tracemalloc.start()
+    senders = []
+    async with trio.open_nursery() as nursery:
+        await trio.testing.wait_all_tasks_blocked()
+        before = _traced()
+        for _ in range(p["topics"]):
+            send, receive = trio.open_memory_channel[bytes](1000)
+            senders.append(send)
+            nursery.start_soon(reader, receive)
+        await trio.testing.wait_all_tasks_blocked()
+        after = _traced()
+        nursery.cancel_scope.cancel()
+    tracemalloc.stop()
+    return {"value": (after - before) / p["topics"]}
+
+
 def main() -> None:
     scenario, side, params_text = sys.argv[1:4]
     url = sys.argv[4] if len(sys.argv) > 4 else None
     params: dict[str, Any] = json.loads(params_text)
     logging.getLogger("keyedbus").setLevel(logging.CRITICAL)  # retry warnings would time the log handler
-    if side == "baseline" and scenario == "nats_core":
-        assert url is not None
-        result = _asyncio_nats_core(params, url)
-    elif side == "baseline" and scenario == "jetstream":
-        assert url is not None
-        result = _asyncio_jetstream(params, url)
-    else:
-        function = globals()[f"{side}_{scenario}"]
-        args = (params, url) if scenario in ("nats_core", "jetstream") else (params,)
-        result = _trio(function, *args)
+    function = globals()[f"{side}_{scenario}"]
+    args = (params,) if url is None else (params, url)
+    # async functions run under trio (keyedbus, raw trio); plain ones run asyncio themselves, in a process
+    # that never imports trio_asyncio.
+    result = _trio(function, *args) if inspect.iscoroutinefunction(function) else function(*args)
     print(json.dumps(result))
 
 
