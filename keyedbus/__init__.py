@@ -24,6 +24,7 @@ from ._errors import InvalidTopicError as InvalidTopicError
 from ._errors import KeyedBusError as KeyedBusError
 from ._errors import PublishError as PublishError
 from ._errors import TopicConfigConflictError as TopicConfigConflictError
+from ._errors import TopicFullError as TopicFullError
 from ._messages import Envelope as Envelope
 from ._messages import Message as Message
 
@@ -52,5 +53,6 @@ __all__ = [
     "Subscription",
     "TopicConfig",
     "TopicConfigConflictError",
+    "TopicFullError",
     "open_bus",
 ]

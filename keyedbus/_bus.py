@@ -15,7 +15,7 @@ import attrs
 import trio
 
 from ._backends._base import Backend, BackendSubscription, Delivery, Outgoing
-from ._backends.memory import MemoryBackend
+from ._backends.memory import DEFAULT_MAX_PAYLOAD, HANDLING_TOPIC, MemoryBackend
 from ._config import PoolConfig, RetryPolicy, TopicConfig
 from ._errors import (
     ArgumentTypeError,
@@ -83,6 +83,9 @@ class BusStatistics:
     #: Messages stored for this bus's persistent subscriptions and not delivered to it yet (on JetStream,
     #: the consumers' pending count as of their newest delivery).
     lag: int = 0
+    #: Messages a topic limit (max_msgs, max_bytes, max_age, or the bound of a topic no group subscribes to)
+    #: evicted before every subscribed group had settled them; each eviction is also logged with the topic.
+    evicted: int = 0
 
 
 def _check_handler(handler: object) -> None:
@@ -222,7 +225,11 @@ class _Consumer(Generic[T]):
         value = item.value
         if isinstance(value, Message) and value.attempt != item.attempt:
             value = attrs.evolve(value, attempt=item.attempt)
-        await self.handler(value)
+        token = HANDLING_TOPIC.set(self.topic)  # a publish into this topic must not wait for itself
+        try:
+            await self.handler(value)
+        finally:
+            HANDLING_TOPIC.reset(token)
 
     async def dead_letter(self, item: AggregateMessage, reason: str) -> None:
         original = item.delivery.message
@@ -566,6 +573,7 @@ class Bus:
             connected=self._backend.connected,
             worker_queue_depths=depths,
             lag=self._backend.lag(),
+            evicted=self._backend.evicted(),
         )
 
     async def _drain(self, drain_timeout: float) -> None:
@@ -656,6 +664,7 @@ async def open_bus(
     token: str | None = None,
     credentials: str | None = None,
     tls: ssl.SSLContext | None = None,
+    max_payload: int | None = None,
 ) -> AsyncIterator[Bus]:
     """Open an event bus on `url` ("memory://", the default, or "nats://host:port") and yield it.
 
@@ -664,7 +673,8 @@ async def open_bus(
     closes; on memory:// everything published to a subscribed topic before leaving is handled first. An
     exception raised in the block cancels the bus and propagates as itself. If the block is cancelled or the
     drain deadline passes, unfinished messages stay unacked (redelivered on persistent topics) and their
-    number is logged.
+    number is logged. `max_payload` (memory:// only; NATS uses its server's) is the largest message in bytes,
+    payload plus encoded headers, 1 MiB by default as on nats-server.
     """
     scheme = _check_url(url)
     if not isinstance(pool, PoolConfig):
@@ -678,6 +688,14 @@ async def open_bus(
     for name, value in (("drain_timeout", drain_timeout), ("connect_timeout", connect_timeout)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise InvalidConfigError(f"{name} must be a number of seconds >= 0, got {value!r}")
+    if max_payload is not None:
+        if isinstance(max_payload, bool) or not isinstance(max_payload, int) or max_payload < 1:
+            raise InvalidConfigError(f"max_payload must be an int of bytes >= 1, got {max_payload!r}")
+        if scheme != "memory":
+            raise InvalidConfigError(
+                "max_payload applies to memory:// only: on NATS the server's max_payload applies "
+                "(set it in nats-server's configuration)"
+            )
     options = _nats_options(user=user, password=password, token=token, credentials=credentials, tls=tls)
     counters = Counters()
     bus: Bus | None = None
@@ -692,7 +710,9 @@ async def open_bus(
             async with trio.open_nursery() as nursery:
                 backend: Backend
                 if nats_backend is None:
-                    backend = MemoryBackend(nursery, buffer_size=pool.queue_size)
+                    backend = MemoryBackend(
+                        nursery, buffer_size=pool.queue_size, max_payload=max_payload or DEFAULT_MAX_PAYLOAD
+                    )
                 else:
                     backend = await nats_backend.connect(
                         url, nursery, connect_timeout=connect_timeout, options=options

@@ -85,5 +85,10 @@ class PublishError(KeyedBusError):
         self.message_id = message_id
 
 
+class TopicFullError(PublishError):
+    """A memory:// topic is at its bound and no subscriber can make room in time (or the publisher is the
+    handler that would have to make it); see docs/semantics.md, "Limits and retention"."""
+
+
 class HandlerTimeoutError(KeyedBusError):
     """A handler ran longer than `PoolConfig.handler_timeout` and was cancelled."""

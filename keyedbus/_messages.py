@@ -307,11 +307,14 @@ def _header_text(text: str) -> str:
 _HEADER_FRAME = len(b"NATS/1.0\r\n\r\n")
 
 
-def wire_size(data: bytes, headers: Mapping[str, str]) -> int:
-    """Bytes a message counts against a NATS max_payload: payload plus headers as NATS encodes them."""
-    if not headers:
+def wire_size(data: bytes, headers: Mapping[str, str], message_id: str = "") -> int:
+    """Bytes a message counts against a NATS max_payload: payload plus headers as NATS encodes them
+    (with a ``Nats-Msg-Id: <message_id>`` header added when `message_id` is given)."""
+    if not headers and not message_id:
         return len(data)
     size = _HEADER_FRAME + len(data)
+    if message_id:
+        size += len(MSG_ID_HEADER) + 4 + len(message_id.encode("utf-8", "replace"))
     for name, value in headers.items():
         size += len(name) + 4 + (len(value) if value.isascii() else len(value.encode("utf-8", "replace")))
     return size

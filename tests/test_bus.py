@@ -281,28 +281,6 @@ async def test_a_message_attempt_is_visible_to_the_handler(autojump_clock: objec
 # -- broker limits --------------------------------------------------------------------------------------
 
 
-async def test_a_full_persistent_topic_blocks_publish_and_refuses_publish_nowait(
-    autojump_clock: object,
-) -> None:
-    async with keyedbus.open_bus() as bus:
-        await bus.configure_topic("orders", keyedbus.TopicConfig(max_msgs=3))
-        for i in range(3):
-            bus.publish_nowait("orders", str(i).encode(), key="k")
-        with pytest.raises(trio.WouldBlock):
-            bus.publish_nowait("orders", b"3", key="k")
-        with trio.move_on_after(1) as scope:
-            await bus.publish("orders", b"3", key="k")
-        assert scope.cancelled_caught
-        seen: list[bytes] = []
-
-        async def handler(msg: keyedbus.Message) -> None:
-            seen.append(msg.data)
-
-        await bus.subscribe("orders", handler)
-        await bus.publish("orders", b"3", key="k")  # room appears once the messages are acked
-    assert seen == [b"0", b"1", b"2", b"3"]
-
-
 async def test_a_retried_publish_with_the_same_message_id_is_stored_once(autojump_clock: object) -> None:
     seen: list[bytes] = []
 

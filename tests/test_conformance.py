@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -355,3 +356,97 @@ async def test_lag_counts_stored_messages_not_yet_delivered(backend: Backend, cl
             release.set()
             await wait_until_handled(bus)
             assert bus.statistics().lag == 0
+
+
+# --- limits, retention and message rules (DESIGN.md "Limits and retention", "The wire") -----------------
+
+
+@pytest.mark.not_on("nats-core", reason="core NATS stores nothing: there is nothing to evict")
+async def test_a_user_limit_evicts_only_the_oldest_messages(backend: Backend, clock: object) -> None:
+    seen: list[bytes] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        seen.append(msg.data)
+
+    with trio.fail_after(60):
+        async with backend.open() as bus:
+            await bus.configure_topic("orders", attrs.evolve(backend.default_topic, max_msgs=5))
+            sub = await bus.subscribe("orders", handler, group="billing")
+            await sub.unsubscribe()
+            for i in range(10):  # every publish returns: a user limit never makes publish wait
+                await bus.publish("orders", str(i).encode(), key="k")
+            await bus.subscribe("orders", handler, group="billing")
+            await wait_until_handled(bus)
+    assert seen == [str(i).encode() for i in range(5, 10)]
+
+
+@pytest.mark.not_on("nats-core", reason="core NATS stores nothing: there is nothing to evict")
+@pytest.mark.not_on(
+    "nats-core", "jetstream", reason="JetStream evictions are counted by issue 12 item 2's NATS half"
+)
+async def test_evictions_by_a_user_limit_are_counted_and_logged(
+    backend: Backend, clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(60):
+        async with backend.open() as bus:
+            await bus.configure_topic("orders", attrs.evolve(backend.default_topic, max_msgs=5))
+            sub = await bus.subscribe("orders", _ignore, group="billing")
+            await sub.unsubscribe()
+            for i in range(10):
+                await bus.publish("orders", str(i).encode(), key="k")
+            assert bus.statistics().evicted == 5
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evicted ")]
+    assert logged
+    assert all(" of topic orders " in line for line in logged)
+    assert sum(int(line.split()[1]) for line in logged) == 5
+
+
+async def _ignore(msg: keyedbus.Message) -> None:
+    await trio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("name", ["X(odd)", "a/b", "a b", "é"])
+async def test_header_names_nats_refuses_are_refused_on_every_backend(
+    backend: Backend, clock: object, name: str
+) -> None:
+    with trio.fail_after(30):
+        async with backend.open() as bus:
+            with pytest.raises(keyedbus.InvalidHeaderError, match=r"is not allowed"):
+                await bus.publish("orders", b"x", headers={name: "v"})
+            await bus.publish("orders", b"x", headers={"X-Fine": "v"})  # the connection is unharmed
+
+
+async def test_dead_letters_carry_server_headers_only_under_the_original_prefix(
+    backend: Backend, clock: object
+) -> None:
+    from keyedbus._backends.jetstream import stream_name  # the stream keyedbus makes for a topic
+
+    dead: list[keyedbus.Message] = []
+    got_two = trio.Event()
+    retry = keyedbus.RetryPolicy(max_attempts=1)
+
+    async def failing(msg: keyedbus.Message) -> None:
+        raise RuntimeError("boom")
+
+    async def on_dead(msg: keyedbus.Message) -> None:
+        dead.append(msg)
+        if len(dead) == 2:
+            got_two.set()
+
+    # Valid for the original publish (the stream of "orders"), wrong for any dead-letter topic: copied
+    # as they were, they would make every dead-letter publish fail (JetStream err 10060) and park the key.
+    expect = {"Nats-Expected-Stream": stream_name("orders")}
+    with trio.fail_after(60):
+        async with backend.open(retry=retry) as bus:
+            await bus.subscribe("orders", failing)
+            await bus.subscribe("orders.dead-letter", on_dead)
+            await bus.publish("orders", b"1", key="k", headers=expect)
+            await bus.publish("orders", b"2", key="k", headers={"Trace": "t2"})
+            await got_two.wait()
+    assert [m.data for m in dead] == [b"1", b"2"]
+    first = dead[0].headers
+    assert first["Keyedbus-Original-Nats-Expected-Stream"] == stream_name("orders")
+    assert "Nats-Expected-Stream" not in first
+    assert dead[0].key == "k"
+    assert dead[1].headers["Trace"] == "t2"
+    assert bus.statistics().dead_lettered == 2

@@ -124,6 +124,10 @@ class Backend(Protocol):
         """Messages stored for this bus's persistent subscriptions and not delivered to it yet."""
         ...
 
+    def evicted(self) -> int:
+        """Messages a limit (max_msgs, max_bytes, max_age, a bound) evicted before a group settled them."""
+        ...
+
     async def aclose(self) -> None:
         """Flush pending acks and close the connection; shielded and bounded, so safe in a finally."""
 

@@ -3,10 +3,17 @@
 Persistent topics keep a bounded log; each (topic, group) has its own cursor, acks and redelivery list, and
 a message leaves the log once every group has acked it. Ephemeral topics fan out to each subscriber's bounded
 buffer with no log (at-most-once): a full buffer drops the message and counts it.
+
+Limits and retention (docs/semantics.md): limits the user set (max_msgs, max_bytes, max_age) evict the
+oldest messages, as JetStream's ``discard: old`` does; a topic no group has subscribed to keeps at most
+UNREAD_MAX_MSGS / UNREAD_MAX_BYTES and evicts the oldest beyond; every eviction of a message some group had
+not settled is counted and logged. Without user limits nothing a group has not settled is evicted: at
+DEFAULT_MAX_MSGS a publish waits while a subscriber can make room, else raises TopicFullError.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -15,16 +22,36 @@ import attrs
 import trio
 
 from .._config import TopicConfig
-from .._errors import TopicConfigConflictError
-from .._messages import Message, key_of_headers
+from .._errors import PublishError, TopicConfigConflictError, TopicFullError
+from .._messages import Message, key_of_headers, wire_size
 from ._base import AtMostOnceDelivery, Inbox, Outgoing
 
-__all__ = ["DEFAULT_MAX_MSGS", "DEDUP_WINDOW", "MemoryBackend"]
+__all__ = [
+    "DEDUP_WINDOW",
+    "DEFAULT_MAX_MSGS",
+    "DEFAULT_MAX_PAYLOAD",
+    "HANDLING_TOPIC",
+    "UNREAD_MAX_BYTES",
+    "UNREAD_MAX_MSGS",
+    "MemoryBackend",
+]
 
 logger = logging.getLogger("keyedbus")
 
-#: Messages a persistent memory topic keeps when TopicConfig.max_msgs is None.
+#: Messages a persistent memory topic keeps for its groups when TopicConfig.max_msgs is None: a publish
+#: beyond it waits for a subscriber to settle one (or raises TopicFullError when none can).
 DEFAULT_MAX_MSGS = 1_000_000
+#: What a topic no group has ever subscribed to keeps when the user set no limit (every default dead-letter
+#: topic): the newest 100,000 messages and 64 MiB of payload; older ones are evicted, counted and logged.
+UNREAD_MAX_MSGS = 100_000
+UNREAD_MAX_BYTES = 64 * 1024 * 1024
+#: Largest message memory:// takes, payload plus encoded headers: nats-server's default max_payload.
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+#: The topic whose handler the current task runs (set by the bus around each handler call): a handler that
+#: publishes into its own full topic would wait for itself, so it gets TopicFullError at once instead.
+HANDLING_TOPIC: contextvars.ContextVar[str | None] = contextvars.ContextVar("keyedbus_handling", default=None)
+#: Seconds between two eviction warnings of one topic; the count in each covers everything since the last.
+_EVICTION_LOG_INTERVAL = 10.0
 #: Seconds during which a message id seen before is not stored again (JetStream's default window).
 DEDUP_WINDOW = 120.0
 _BATCH = 256
@@ -58,22 +85,55 @@ class _Delivery:
         """Nothing to do: an unsettled message stays outstanding and is redelivered after detach."""
 
 
+class _Evictions:
+    """Evictions of messages some group had not settled (or that no group had read): total and warnings."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def record(self, topic: _Topic, count: int, why: str, now: float) -> None:
+        self.total += count
+        topic.unlogged += count
+        topic.evicted_why = why
+        if now >= topic.logged_at + _EVICTION_LOG_INTERVAL or topic.logged_at < 0:
+            self.log(topic, now)
+
+    def log(self, topic: _Topic, now: float) -> None:
+        if not topic.unlogged:
+            return
+        logger.warning(
+            "evicted %d message(s) of topic %s before every group had handled them: %s",
+            topic.unlogged,
+            topic.name,
+            topic.evicted_why,
+            extra={"topic": topic.name, "count": topic.unlogged},
+        )
+        topic.unlogged = 0
+        topic.logged_at = now
+
+
 class _Topic:
     __slots__ = (
         "bytes",
         "changed",
         "config",
         "ephemeral_subs",
+        "evicted_why",
+        "evictions",
         "groups",
         "log",
+        "logged_at",
         "name",
         "next_seq",
         "recent_ids",
         "recent_order",
         "room",
+        "unlogged",
     )
 
-    def __init__(self, name: str, config: TopicConfig, changed: trio.lowlevel.ParkingLot) -> None:
+    def __init__(
+        self, name: str, config: TopicConfig, changed: trio.lowlevel.ParkingLot, evictions: _Evictions
+    ) -> None:
         self.name = name
         self.config = config
         self.log: deque[_Entry] = deque()
@@ -86,6 +146,10 @@ class _Topic:
         self.recent_ids: dict[str, float] = {}
         # Created on the first message id: an idle topic should cost little (flat cost, many topics).
         self.recent_order: deque[tuple[float, str]] | None = None
+        self.evictions = evictions
+        self.unlogged = 0
+        self.logged_at = -1.0
+        self.evicted_why = ""
 
     @property
     def first_seq(self) -> int:
@@ -94,12 +158,76 @@ class _Topic:
     def entry(self, seq: int) -> _Entry:
         return self.log[seq - self.first_seq]
 
-    def full(self, size: int) -> bool:
+    def make_room(self, size: int, now: float) -> bool:
+        """Evict what the limits say must go for a message of `size` bytes; False if it must wait instead.
+
+        Only limits the user set, and the bound of a topic no group has subscribed to, evict.
+        """
         cfg = self.config
-        max_msgs = cfg.max_msgs or DEFAULT_MAX_MSGS
-        if len(self.log) >= max_msgs:
+        if not self.groups:
+            max_msgs = cfg.max_msgs or UNREAD_MAX_MSGS
+            max_bytes = cfg.max_bytes or UNREAD_MAX_BYTES
+            why = (
+                f"no group subscribes to it, so it keeps the newest {max_msgs} message(s) and {max_bytes} "
+                "bytes (subscribe to it, or set TopicConfig max_msgs / max_bytes)"
+            )
+            self._evict(why, now, max_msgs=max_msgs, max_bytes=max_bytes, size=size)
             return True
-        return cfg.max_bytes is not None and bool(self.log) and self.bytes + size > cfg.max_bytes
+        if cfg.max_msgs is not None:
+            self._evict(f"TopicConfig max_msgs={cfg.max_msgs}", now, max_msgs=cfg.max_msgs)
+        if cfg.max_bytes is not None:
+            self._evict(f"TopicConfig max_bytes={cfg.max_bytes}", now, max_bytes=cfg.max_bytes, size=size)
+        return cfg.max_msgs is not None or len(self.log) < DEFAULT_MAX_MSGS
+
+    def _evict(
+        self,
+        why: str,
+        now: float,
+        *,
+        max_msgs: int | None = None,
+        max_bytes: int | None = None,
+        size: int = 0,
+        older_than: float | None = None,
+    ) -> None:
+        """Drop the oldest messages until one more of `size` bytes fits the limits given (and none is stored
+        at or before `older_than`); count and log those some group will now never handle."""
+        log = self.log
+        groups = self.groups.values()
+        unsettled = 0
+        while log and (
+            (max_msgs is not None and len(log) >= max_msgs)
+            or (max_bytes is not None and self.bytes + size > max_bytes)
+            or (older_than is not None and log[0].stored_at <= older_than)
+        ):
+            entry = log.popleft()
+            self.bytes -= len(entry.data)
+            seq = entry.seq
+            if not groups or any(g.will_not_handle(seq) for g in groups):
+                unsettled += 1
+        for group in groups:
+            group.skip_to(self.first_seq)
+        if unsettled:
+            self.evictions.record(self, unsettled, why, now)
+
+    def can_make_room(self) -> str | None:
+        """None if a subscriber may settle the oldest message; else why nobody can (for TopicFullError)."""
+        if HANDLING_TOPIC.get() == self.name:
+            return (
+                f"the publisher is a handler of {self.name!r}: waiting for room could wait for itself "
+                "(the message it handles must settle first). The attempt fails and is retried after its "
+                "backoff; publish from outside the handler, or set TopicConfig(max_msgs=...) to evict the "
+                "oldest instead"
+            )
+        first = self.first_seq
+        idle = sorted(
+            g.name or "default" for g in self.groups.values() if g.floor <= first and g.inbox is None
+        )
+        if idle:
+            return (
+                f"group(s) {', '.join(idle)} hold its oldest message(s) and have no subscriber to settle "
+                "them: subscribe them again, or set TopicConfig(max_msgs=...) / max_age to evict the oldest"
+            )
+        return None
 
     def duplicate(self, message_id: str, now: float) -> bool:
         order = self.recent_order
@@ -126,20 +254,14 @@ class _Topic:
             self.changed.unpark_all()
 
     def trim(self, now: float) -> None:
-        """Drop what every group has acked, and what is older than max_age."""
+        """Drop what every group has acked, and evict what is older than max_age."""
         if self.groups:
             low = min(g.floor for g in self.groups.values())
             while self.log and self.log[0].seq < low:
                 self.bytes -= len(self.log.popleft().data)
         max_age = self.config.max_age
-        if max_age is not None:
-            expired = False
-            while self.log and self.log[0].stored_at <= now - max_age:
-                self.bytes -= len(self.log.popleft().data)
-                expired = True
-            if expired:
-                for group in self.groups.values():
-                    group.skip_to(self.first_seq)
+        if max_age is not None and self.log and self.log[0].stored_at <= now - max_age:
+            self._evict(f"TopicConfig max_age={max_age}", now, older_than=now - max_age)
         if self.room:
             self.room.unpark_all()
 
@@ -184,8 +306,19 @@ class _Group:
     def settled(self) -> bool:
         return not self.outstanding and not self.redeliver and self.cursor >= self.topic.next_seq
 
+    def will_not_handle(self, seq: int) -> bool:
+        """Whether evicting `seq` now loses it for this group: not delivered yet, or handed back undelivered.
+
+        A delivered, unsettled message is in the pool and is still handled (its ack is then ignored).
+        """
+        if seq >= self.cursor:
+            return True
+        return seq >= self.floor and seq not in self.acked and seq not in self.outstanding
+
     def skip_to(self, first: int) -> None:
-        """Forget messages that expired from the log (max_age)."""
+        """Forget messages evicted from the log (limits, max_age)."""
+        if self.floor >= first:
+            return  # nothing of this group's was below `first`
         self.cursor = max(self.cursor, first)
         self.floor = max(self.floor, first)
         self.acked = {s for s in self.acked if s >= first}
@@ -265,6 +398,8 @@ class _Group:
         self.subscribed = False
         if self.topic.changed:
             self.topic.changed.unpark_all()
+        if self.topic.room:
+            self.topic.room.unpark_all()  # publishers waiting for this group to make room must give up
 
 
 class _PersistentSubscription:
@@ -274,6 +409,8 @@ class _PersistentSubscription:
     async def stop(self) -> None:
         group = self.group
         group.inbox = None
+        if group.topic.room:
+            group.topic.room.unpark_all()  # publishers waiting for this group to make room must give up
         if group.reader_scope is not None and group.reader_done is not None:
             group.reader_scope.cancel()
             await group.reader_done.wait()
@@ -312,11 +449,15 @@ class _EphemeralSubscription:
 class MemoryBackend:
     """The embedded broker; it lives and dies with its bus."""
 
-    def __init__(self, nursery: trio.Nursery, *, buffer_size: int) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, *, buffer_size: int, max_payload: int = DEFAULT_MAX_PAYLOAD
+    ) -> None:
         self._nursery = nursery
         self._buffer_size = buffer_size
+        self._max_payload = max_payload
         self._topics: dict[str, _Topic] = {}
         self._changed = trio.lowlevel.ParkingLot()
+        self._evictions = _Evictions()
 
     @property
     def connected(self) -> bool:
@@ -325,7 +466,7 @@ class MemoryBackend:
     def _topic(self, name: str, config: TopicConfig) -> _Topic:
         topic = self._topics.get(name)
         if topic is None:
-            topic = self._topics[name] = _Topic(name, config, self._changed)
+            topic = self._topics[name] = _Topic(name, config, self._changed, self._evictions)
         return topic
 
     async def configure_topic(self, topic: str, config: TopicConfig) -> None:
@@ -342,10 +483,27 @@ class MemoryBackend:
             self._topic(topic, config)
         await trio.lowlevel.checkpoint()
 
+    def _check_size(self, out: Outgoing) -> None:
+        size = wire_size(out.data, out.headers, out.message_id)
+        if size > self._max_payload:
+            raise PublishError(
+                f"message for topic {out.topic!r} is {size} bytes (payload {len(out.data)} + headers "
+                f"{size - len(out.data)}), over memory://'s max_payload of {self._max_payload} bytes, as "
+                "NATS would refuse it: send big data elsewhere and publish a reference, or raise "
+                "open_bus(max_payload=...) (and nats-server's max_payload) to match"
+            )
+
     async def publish(self, out: Outgoing) -> None:
+        """Store or send one message; at DEFAULT_MAX_MSGS wait while a subscriber can make room.
+
+        Raises PublishError for a message over max_payload and TopicFullError when the topic is full and no
+        subscriber can settle its oldest message. If cancelled while waiting, nothing was stored.
+        """
+        self._check_size(out)
         t = self._topic(out.topic, out.config)
-        if t.config.persistent and t.full(len(out.data)):
-            while t.full(len(out.data)):
+        if t.config.persistent and not t.make_room(len(out.data), trio.current_time()):
+            while not t.make_room(len(out.data), trio.current_time()):
+                self._full(t)
                 await t.room.park()
         else:
             # Every trio async call is a checkpoint: a burst of publishes must let the consumers run.
@@ -353,10 +511,24 @@ class MemoryBackend:
         self._publish_now(t, out)
 
     def publish_nowait(self, out: Outgoing) -> None:
+        """Like publish, but raise trio.WouldBlock where publish would wait."""
+        self._check_size(out)
         t = self._topic(out.topic, out.config)
-        if t.config.persistent and t.full(len(out.data)):
+        if t.config.persistent and not t.make_room(len(out.data), trio.current_time()):
+            self._full(t)
             raise trio.WouldBlock
         self._publish_now(t, out)
+
+    @staticmethod
+    def _full(t: _Topic) -> None:
+        """Raise TopicFullError unless a subscriber can make room in `t`."""
+        why = t.can_make_room()
+        if why is not None:
+            raise TopicFullError(f"topic {t.name!r} is full ({len(t.log)} messages unsettled): {why}")
+
+    def evicted(self) -> int:
+        """Messages evicted by a limit before every group had settled them (or with no group), in total."""
+        return self._evictions.total
 
     def _publish_now(self, t: _Topic, out: Outgoing) -> None:
         data, headers, message_id = out.data, out.headers, out.message_id
@@ -479,7 +651,10 @@ class MemoryBackend:
         return True
 
     async def aclose(self) -> None:
-        """The broker dies with the bus: nothing to close."""
+        """The broker dies with the bus: log the evictions not logged yet, nothing to close."""
+        now = trio.current_time()
+        for topic in self._topics.values():
+            self._evictions.log(topic, now)
         await trio.lowlevel.checkpoint()
 
     async def wait_settled(self) -> None:

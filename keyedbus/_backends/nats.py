@@ -226,6 +226,9 @@ class NatsBackend:
     def lag(self) -> int:
         return sum(sub.lag for sub in self._pull_subs)
 
+    def evicted(self) -> int:
+        return 0  # JetStream's evictions are not counted yet
+
     # -- inspection (the command line) -------------------------------------------------------------------
 
     async def topic_state(self, topic: str) -> dict[str, Any]:

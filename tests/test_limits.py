@@ -1,0 +1,294 @@
+"""memory:// limits and retention: what may be evicted (and is then counted and logged), when a publisher
+waits, when it gets TopicFullError at once, and the message-size limit. The bounds are module constants;
+tests lower them to keep the runs small."""
+
+from __future__ import annotations
+
+import logging
+import re
+from functools import partial
+
+import pytest
+import trio
+import trio.testing
+
+import keyedbus
+from keyedbus._backends import memory
+from keyedbus.testing import wait_until_handled
+
+
+@pytest.fixture
+def small_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A default bound of 3 messages for subscribed topics, 10 messages for topics nobody subscribes to."""
+    monkeypatch.setattr(memory, "DEFAULT_MAX_MSGS", 3)
+    monkeypatch.setattr(memory, "UNREAD_MAX_MSGS", 10)
+
+
+def _evictions(caplog: pytest.LogCaptureFixture, topic: str) -> int:
+    total = 0
+    for record in caplog.records:
+        m = re.match(rf"^evicted (\d+) message\(s\) of topic {re.escape(topic)} ", record.getMessage())
+        if m:
+            assert record.levelno == logging.WARNING
+            total += int(m.group(1))
+    return total
+
+
+async def test_a_topic_nobody_subscribes_to_keeps_the_newest_up_to_its_bound(
+    small_bounds: None, autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[bytes] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        seen.append(msg.data)
+
+    async with keyedbus.open_bus() as bus:
+        with trio.fail_after(5):  # today's bug: the publish after the bound hung forever
+            for i in range(25):
+                await bus.publish("orders.dead-letter", str(i).encode())
+        assert bus.statistics().evicted == 15
+        await bus.subscribe("orders.dead-letter", handler)
+        await wait_until_handled(bus)
+    assert seen == [str(i).encode() for i in range(15, 25)]
+    assert _evictions(caplog, "orders.dead-letter") == 15
+    assert "no group subscribes to it" in caplog.text
+
+
+async def test_a_topic_nobody_subscribes_to_is_bounded_in_bytes_too(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: object
+) -> None:
+    monkeypatch.setattr(memory, "UNREAD_MAX_BYTES", 1000)
+    async with keyedbus.open_bus() as bus:
+        for _ in range(5):
+            bus.publish_nowait("audit", b"x" * 300)
+        assert bus.statistics().evicted == 2  # 3 x 300 bytes fit in 1000
+
+
+async def test_eviction_warnings_are_coalesced_and_every_eviction_is_counted(
+    small_bounds: None, autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with keyedbus.open_bus() as bus:
+        for i in range(1010):
+            bus.publish_nowait("audit", str(i).encode())
+        assert bus.statistics().evicted == 1000
+    records = [r for r in caplog.records if r.getMessage().startswith("evicted ")]
+    assert len(records) == 2  # the first at once, the rest when the bus closed: not one line per message
+    assert _evictions(caplog, "audit") == 1000
+
+
+async def test_default_limits_never_evict_what_a_group_has_not_settled(
+    small_bounds: None, autojump_clock: object
+) -> None:
+    release = trio.Event()
+    seen: list[bytes] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        await release.wait()
+        seen.append(msg.data)
+
+    async with keyedbus.open_bus() as bus:
+        await bus.subscribe("orders", handler)
+        for i in range(3):
+            await bus.publish("orders", str(i).encode(), key="k")
+        with pytest.raises(trio.WouldBlock):
+            bus.publish_nowait("orders", b"3", key="k")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(bus.publish, "orders", b"3", key="k")
+            )  # waits: a subscriber can make room
+            await trio.testing.wait_all_tasks_blocked()
+            assert seen == []
+            release.set()
+        await wait_until_handled(bus)
+    assert seen == [b"0", b"1", b"2", b"3"]
+    assert bus.statistics().evicted == 0
+
+
+async def test_a_full_topic_whose_group_has_no_subscriber_refuses_publish_at_once(
+    small_bounds: None, autojump_clock: object
+) -> None:
+    seen: list[bytes] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        seen.append(msg.data)
+
+    async with keyedbus.open_bus() as bus:
+        sub = await bus.subscribe("orders", handler, group="billing")
+        await sub.unsubscribe()
+        for i in range(3):
+            await bus.publish("orders", str(i).encode(), key="k")
+        start = trio.current_time()
+        with pytest.raises(
+            keyedbus.TopicFullError,
+            match=r"^topic 'orders' is full \(3 messages unsettled\): group\(s\) billing hold its oldest",
+        ):
+            await bus.publish("orders", b"3", key="k")
+        assert trio.current_time() == start  # at once, not after a wait
+        with pytest.raises(keyedbus.TopicFullError):
+            bus.publish_nowait("orders", b"3", key="k")
+        await bus.subscribe("orders", handler, group="billing")
+        await bus.publish("orders", b"3", key="k")  # room again once the group is back
+    assert seen == [b"0", b"1", b"2", b"3"]
+    assert bus.statistics().evicted == 0
+
+
+async def test_a_publisher_waiting_for_room_fails_when_the_last_subscriber_leaves(
+    small_bounds: None, autojump_clock: object
+) -> None:
+    async def stuck(msg: keyedbus.Message) -> None:
+        await trio.sleep_forever()
+
+    async with keyedbus.open_bus(drain_timeout=1) as bus:
+        sub = await bus.subscribe("orders", stuck)
+        for i in range(3):
+            await bus.publish("orders", str(i).encode(), key=f"k{i}")
+        outcome: list[BaseException] = []
+
+        async def publish() -> None:
+            try:
+                await bus.publish("orders", b"3", key="k3")
+            except keyedbus.TopicFullError as exc:
+                outcome.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish)
+            await trio.testing.wait_all_tasks_blocked()
+            assert outcome == []
+            with trio.move_on_after(1):
+                await sub.unsubscribe()  # handlers never finish: it stops delivery, then we give up
+        assert len(outcome) == 1
+
+
+async def test_a_handler_publishing_into_its_own_full_topic_gets_an_error_not_a_deadlock(
+    small_bounds: None, autojump_clock: object
+) -> None:
+    errors: list[str] = []
+    children: list[bytes] = []
+    full = trio.Event()
+    retry = keyedbus.RetryPolicy(max_attempts=3, initial_backoff=1, jitter=0)
+
+    async def handler(msg: keyedbus.Message) -> None:
+        if msg.data == b"child":
+            children.append(msg.data)
+            return
+        if msg.data == b"0":
+            await full.wait()
+            try:
+                await bus.publish("orders", b"child", key="c")
+            except keyedbus.TopicFullError as exc:
+                errors.append(str(exc))
+                raise
+
+    with trio.fail_after(60):
+        async with keyedbus.open_bus(retry=retry) as bus:
+            await bus.subscribe("orders", handler)
+            for i in range(3):
+                await bus.publish("orders", str(i).encode(), key=f"k{i}")
+            full.set()
+            await wait_until_handled(bus)
+    # Every attempt got the error at once (the handler holds the oldest message); then it was dead-lettered.
+    assert len(errors) == 3
+    assert "the publisher is a handler of 'orders'" in errors[0]
+    assert bus.statistics().dead_lettered == 1
+
+
+async def test_a_handler_publishing_into_its_own_topic_with_room_works(autojump_clock: object) -> None:
+    seen: list[bytes] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        seen.append(msg.data)
+        if msg.data == b"parent":
+            await bus.publish("orders", b"child", key="k")
+
+    async with keyedbus.open_bus() as bus:
+        await bus.subscribe("orders", handler)
+        await bus.publish("orders", b"parent", key="k")
+    assert seen == [b"parent", b"child"]
+
+
+async def test_user_limits_evict_the_oldest_even_for_a_subscribed_group_counted(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    release = trio.Event()
+    seen: list[bytes] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        await release.wait()
+        seen.append(msg.data)
+
+    async with keyedbus.open_bus(pool=keyedbus.PoolConfig(workers=1, queue_size=1)) as bus:
+        await bus.configure_topic("orders", keyedbus.TopicConfig(max_bytes=100))
+        await bus.subscribe("orders", handler)
+        for i in range(10):
+            await bus.publish("orders", bytes([48 + i]) * 30, key="k")  # publish never waits on user limits
+        release.set()
+        await wait_until_handled(bus)
+    evicted = bus.statistics().evicted
+    assert evicted > 0
+    assert len(seen) + evicted == 10
+    assert seen[-3:] == [bytes([48 + i]) * 30 for i in (7, 8, 9)]
+    assert _evictions(caplog, "orders") == evicted
+    assert "TopicConfig max_bytes=100" in caplog.text
+
+
+async def test_max_age_evictions_are_counted(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with keyedbus.open_bus() as bus:
+        await bus.configure_topic("orders", keyedbus.TopicConfig(max_age=10))
+        sub = await bus.subscribe("orders", _noop, group="g")
+        await sub.unsubscribe()
+        for i in range(4):
+            await bus.publish("orders", str(i).encode())
+        await trio.sleep(11)
+        await bus.publish("orders", b"fresh")
+        assert bus.statistics().evicted == 4
+    assert "TopicConfig max_age=10" in caplog.text
+
+
+async def _noop(msg: keyedbus.Message) -> None:
+    await trio.lowlevel.checkpoint()
+
+
+# --- message size ----------------------------------------------------------------------------------------
+
+
+async def test_a_message_over_max_payload_is_refused_naming_both_sizes(autojump_clock: object) -> None:
+    seen: list[int] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        seen.append(len(msg.data))
+
+    async with keyedbus.open_bus() as bus:
+        await bus.subscribe("orders", handler)
+        data = b"x" * (1024 * 1024 - 16)  # fits alone; not with the headers keyedbus adds
+        with pytest.raises(
+            keyedbus.PublishError,
+            match=r"^message for topic 'orders' is 1048\d\d\d bytes \(payload 1048560 \+ headers \d+\), over "
+            r"memory://'s max_payload of 1048576 bytes",
+        ):
+            await bus.publish("orders", data, key="k")
+        with pytest.raises(keyedbus.PublishError):
+            bus.publish_nowait("orders", data, key="k")
+        await bus.publish("orders", b"x" * (1024 * 1024 - 200), key="k")  # the bus goes on
+    assert seen == [1024 * 1024 - 200]
+
+
+async def test_max_payload_is_configurable_on_memory(autojump_clock: object) -> None:
+    async with keyedbus.open_bus(max_payload=100) as bus:
+        with pytest.raises(keyedbus.PublishError, match=r"over memory://'s max_payload of 100 bytes"):
+            await bus.publish("orders", b"x" * 60, headers={"Trace": "t" * 10})
+        await bus.publish("orders", b"x" * 10)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "1"])
+async def test_a_bad_max_payload_is_refused(value: object) -> None:
+    with pytest.raises(keyedbus.InvalidConfigError, match=r"^max_payload must be an int of bytes >= 1"):
+        async with keyedbus.open_bus(max_payload=value):  # type: ignore[arg-type]
+            pass
+
+
+async def test_max_payload_is_refused_for_nats_urls() -> None:
+    with pytest.raises(keyedbus.InvalidConfigError, match=r"^max_payload applies to memory:// only"):
+        async with keyedbus.open_bus("nats://127.0.0.1:1", max_payload=100):
+            pass
