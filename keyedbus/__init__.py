@@ -3,6 +3,8 @@
 Messages with the same key are handled strictly in publish order; different keys run concurrently.
 """
 
+import logging as _logging
+
 from ._bus import Bus as Bus
 from ._bus import BusStatistics as BusStatistics
 from ._bus import Subscription as Subscription
@@ -22,13 +24,20 @@ from ._errors import InvalidHeaderError as InvalidHeaderError
 from ._errors import InvalidKeyError as InvalidKeyError
 from ._errors import InvalidTopicError as InvalidTopicError
 from ._errors import KeyedBusError as KeyedBusError
+from ._errors import MissingExtraError as MissingExtraError
 from ._errors import PublishError as PublishError
 from ._errors import TopicConfigConflictError as TopicConfigConflictError
 from ._errors import TopicFullError as TopicFullError
+from ._errors import UnsupportedEventLoopError as UnsupportedEventLoopError
 from ._messages import Envelope as Envelope
 from ._messages import Message as Message
 
 __version__ = "0.1.0"
+
+# The standard library's convention for libraries: keyedbus's records go nowhere until the application
+# configures logging (then they propagate to its handlers as usual); without this, Python's last-resort
+# handler would print every WARNING unformatted on stderr.
+_logging.getLogger("keyedbus").addHandler(_logging.NullHandler())
 
 __all__ = [
     "ArgumentTypeError",
@@ -47,6 +56,7 @@ __all__ = [
     "InvalidTopicError",
     "KeyedBusError",
     "Message",
+    "MissingExtraError",
     "PoolConfig",
     "PublishError",
     "RetryPolicy",
@@ -54,5 +64,6 @@ __all__ = [
     "TopicConfig",
     "TopicConfigConflictError",
     "TopicFullError",
+    "UnsupportedEventLoopError",
     "open_bus",
 ]

@@ -1,9 +1,9 @@
-"""The command line: `keyedbus COMMAND ...` or `python -m keyedbus COMMAND ...`.
+"""The command line: `keyedbus COMMAND ...` or `python -m keyedbus ...`.
 
-Commands: publish, tail, stats, dead-letters, check; `keyedbus COMMAND --help` for each. The bus URL comes
-from --url or the KEYEDBUS_URL environment variable. A user mistake prints one line and exits with status 2;
-a failure to connect or publish prints one line and exits with status 1. argparse (the standard library) is
-enough for five subcommands and keeps the package free of extra dependencies.
+Commands: publish, tail, stats, groups, dead-letters, check; `keyedbus COMMAND --help` for each. The bus URL
+comes from --url (before or after the command) or the KEYEDBUS_URL environment variable. A user mistake
+prints one line and exits with status 2; a failure to connect or publish prints one line and exits with
+status 1. argparse (the standard library) is enough for six subcommands; progress bars come from tqdm.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import math
 import os
 import sys
@@ -19,10 +20,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
 import trio
+from tqdm import tqdm
 
+from . import __version__
 from ._bus import Bus, open_bus
 from ._config import TopicConfig
-from ._errors import ArgumentTypeError, KeyedBusError
+from ._errors import ArgumentTypeError, InvalidEnvelopeError, KeyedBusError
 from ._messages import (
     ATTEMPTS_HEADER,
     ERROR_HEADER,
@@ -37,6 +40,8 @@ from ._messages import (
 
 __all__ = ["main"]
 
+log = logging.getLogger("keyedbus.cli")
+
 _ACROSS_PROCESSES = (
     "memory:// lives inside one process, so '{command}' cannot see another program's messages there: "
     "pass --url nats://HOST:PORT (or set KEYEDBUS_URL)"
@@ -47,50 +52,121 @@ class _UsageError(Exception):
     """A mistake in the command line: one line, exit status 2."""
 
 
+class _PastCount(Exception):
+    """Raised by tail's handler for a message past --count, once unsubscribed: it goes back unacked."""
+
+
+def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """Options accepted before and after the command: the top level holds the defaults, a command's own
+    copies default to "not given" (SUPPRESS) so they override only when used there."""
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--url",
+        default=default(os.environ.get("KEYEDBUS_URL", "memory://")),
+        help="bus URL, e.g. nats://127.0.0.1:4222 (default: $KEYEDBUS_URL, else memory://)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=default(10.0),
+        metavar="SECONDS",
+        help="give up connecting after SECONDS (default: 10)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default(0),
+        help="log more: -v for INFO (connections, each replayed message), -vv for DEBUG",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default(False),
+        help="log only errors (no retries, reconnections or warnings)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keyedbus", description="Publish, tail and inspect a keyedbus event bus (memory:// or NATS)."
     )
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("KEYEDBUS_URL", "memory://"),
-        help="bus URL, e.g. nats://127.0.0.1:4222 (default: $KEYEDBUS_URL, else memory://)",
-    )
-    parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
+    parser.add_argument("--version", action="version", version=f"keyedbus {__version__}")
+    _connection_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    publish = commands.add_parser("publish", help="publish messages: DATA, --file, or one per line on stdin")
-    publish.add_argument("topic")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        _connection_options(sub, top=False)
+        return sub
+
+    publish = command("publish", "publish messages: DATA, --file, or one per line on stdin")
+    publish.add_argument("topic", help="the topic to publish to")
     publish.add_argument("data", nargs="?", help="the message (omit to read --file or stdin, one per line)")
     publish.add_argument("--file", type=argparse.FileType("r"), help="read messages from FILE, one per line")
     publish.add_argument("--key", help="the aggregate id: messages with one key are handled in order")
-    publish.add_argument("--header", action="append", default=[], metavar="NAME=VALUE")
+    publish.add_argument(
+        "--header", action="append", default=[], metavar="NAME=VALUE", help="add a header (repeatable)"
+    )
     publish.add_argument("--envelope", action="store_true", help="wrap each line (JSON) in an Envelope")
-    publish.add_argument("--event-type", help="the envelope's event_type (with --envelope)")
-    publish.add_argument("--event-version", type=int, default=1)
-    publish.add_argument("--ephemeral", action="store_true", help="core NATS (at-most-once) topic")
+    publish.add_argument("--event-type", help="the envelope's event_type (needs --envelope)")
+    publish.add_argument(
+        "--event-version",
+        type=int,
+        metavar="N",
+        help="the envelope's event_version (needs --envelope; default 1)",
+    )
+    publish.add_argument("--ephemeral", action="store_true", help="publish with core NATS (at-most-once)")
 
-    tail = commands.add_parser("tail", help="print messages of a topic as they arrive")
-    tail.add_argument("topic")
-    tail.add_argument("--group", help="consume as this group (acks!); default: watch without consuming")
+    tail = command("tail", "print messages of a topic as they arrive, without changing the topic")
+    tail.add_argument("topic", help="the topic to watch")
+    tail.add_argument(
+        "--group",
+        help="consume as this group: acks each message, so the group will not get it again "
+        "(default: only watch, nothing acked or created on the server)",
+    )
     tail.add_argument("--json", action="store_true", help="one JSON object per message")
-    tail.add_argument("--envelope", action="store_true", help="decode each message as an Envelope")
-    tail.add_argument("--count", type=int, help="stop after COUNT messages")
-    tail.add_argument("--timeout", type=float, help="stop after SECONDS")
+    tail.add_argument(
+        "--envelope", action="store_true", help="decode each message as an Envelope (failures are printed)"
+    )
+    tail.add_argument("--count", type=int, metavar="N", help="stop after N messages")
+    tail.add_argument("--timeout", type=float, metavar="SECONDS", help="stop after SECONDS (> 0)")
 
-    stats = commands.add_parser("stats", help="a persistent topic's stream and consumers: lag, unacked")
-    stats.add_argument("topic")
-    stats.add_argument("--json", action="store_true")
+    stats = command("stats", "a persistent topic's stream and its groups: lag, unacked, busiest first")
+    stats.add_argument("topic", help="the persistent topic to inspect")
+    stats.add_argument("--json", action="store_true", help="one JSON object, for a machine")
 
-    dead = commands.add_parser("dead-letters", help="list a topic's dead letters, or --replay them")
+    groups = command("groups", "list a persistent topic's groups (durable consumers), or --delete one")
+    groups.add_argument("topic", help="the persistent topic")
+    groups.add_argument("--delete", metavar="GROUP", help="remove GROUP's consumer and its position")
+    groups.add_argument("--json", action="store_true", help="one JSON object per group")
+
+    dead = command("dead-letters", "list a topic's dead letters, or --replay them")
     dead.add_argument("topic", help="the original topic (its dead letters are on TOPIC.dead-letter)")
     dead.add_argument("--dead-letter-topic", help="where they are, if not TOPIC.dead-letter")
     dead.add_argument("--replay", action="store_true", help="publish them back, oldest first, then remove")
-    dead.add_argument("--json", action="store_true")
+    dead.add_argument("--json", action="store_true", help="one JSON object per dead letter")
 
-    check = commands.add_parser("check", help="connect, send one message round trip, report JetStream")
-    check.add_argument("check_url", nargs="?", metavar="URL", help="default: --url")
+    check = command("check", "connect, send one message round trip, report JetStream")
+    check.add_argument("check_url", nargs="?", metavar="URL", help="the bus to check (default: --url)")
     return parser
+
+
+def _progress(total: int | None, what: str) -> Any:
+    """A progress bar on stderr (count, rate, ETA when the total is known), silent unless on a terminal."""
+    return tqdm(total=total, desc=what, unit="msg", file=sys.stderr, disable=None, leave=False)
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    """The command line is an application: it shows keyedbus's log records (the library alone prints none)."""
+    level = (
+        logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    )
+    logging.basicConfig(level=level, format="%(name)s: %(levelname)s: %(message)s", stream=sys.stderr)
 
 
 def _fail(message: str) -> NoReturn:
@@ -127,33 +203,48 @@ def _headers(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _total(args: argparse.Namespace) -> int | None:
+    """How many messages a --file holds (for the ETA), when it can be read twice; else None."""
+    if args.data is not None:
+        return 1
+    if args.file is None or not args.file.seekable():
+        return None
+    total = sum(1 for line in args.file if line.rstrip("\n"))
+    args.file.seek(0)
+    return total
+
+
 async def _publish(bus: Bus, args: argparse.Namespace) -> int:
     if args.ephemeral:
         await bus.configure_topic(args.topic, TopicConfig(persistence="ephemeral"))
     headers = _headers(args.header)
     count = 0
-    last = time.monotonic()
-    for line in _lines(args):
-        if args.envelope:
-            try:
-                payload = json.loads(line)
-            except json.JSONDecodeError as exc:
-                _fail(f"line {count + 1} is not JSON ({exc}); --envelope takes one JSON payload per line")
-            envelope = Envelope(
-                aggregate_id=args.key,
-                event_type=args.event_type,
-                event_version=args.event_version,
-                payload=payload,
-            )
-            await bus.publish_envelope(args.topic, envelope, headers=headers)
-        else:
-            await bus.publish(args.topic, line.encode(), key=args.key, headers=headers)
-        count += 1
-        if time.monotonic() - last >= 2:
-            last = time.monotonic()
-            print(f"published {count} message(s)...", file=sys.stderr, flush=True)
+    with _progress(_total(args), f"publishing to {args.topic}") as progress:
+        for line in _lines(args):
+            await _publish_line(bus, args, line, count + 1, headers)
+            count += 1
+            progress.update()
     print(f"published {count} message(s) to {args.topic}", file=sys.stderr)
     return 0
+
+
+async def _publish_line(
+    bus: Bus, args: argparse.Namespace, line: str, number: int, headers: dict[str, str]
+) -> None:
+    if args.envelope:
+        try:
+            payload = json.loads(line)
+        except json.JSONDecodeError as exc:
+            _fail(f"line {number} is not JSON ({exc}); --envelope takes one JSON payload per line")
+        envelope = Envelope(
+            aggregate_id=args.key,
+            event_type=args.event_type,
+            event_version=args.event_version or 1,
+            payload=payload,
+        )
+        await bus.publish_envelope(args.topic, envelope, headers=headers)
+    else:
+        await bus.publish(args.topic, line.encode(), key=args.key, headers=headers)
 
 
 def _text(data: bytes) -> str:
@@ -175,35 +266,67 @@ def _message_json(msg: Message) -> dict[str, Any]:
 
 
 async def _tail(bus: Bus, args: argparse.Namespace) -> int:
-    if args.count is not None and args.count < 1:
-        _fail("--count must be at least 1")
     if args.group is None:
-        # Watch without consuming: a core-NATS subscription sees persistent topics' messages too.
+        # Watch without consuming: a plain NATS subscription to the subject sees what is published to a
+        # persistent topic too, creates nothing on the server and acks nothing.
         await bus.configure_topic(args.topic, TopicConfig(persistence="ephemeral"))
     seen = 0
     done = trio.Event()
+    handing_back = trio.Event()
 
-    def emit(text: str) -> None:
+    def emit(text: str, *, to: TextIO = sys.stdout) -> None:
         nonlocal seen
-        print(text, flush=True)
+        print(text, file=to, flush=True)
         seen += 1
         if args.count is not None and seen >= args.count:
             done.set()
 
     async def on_message(msg: Message) -> None:
-        emit(json.dumps(_message_json(msg)) if args.json else f"{msg.key or '-'}\t{_text(msg.data)}")
-
-    async def on_envelope(env: Envelope) -> None:
+        if done.is_set():
+            # Past --count. Watching: just do not print it. As a group: do not ack it either. A handler
+            # that fails once its subscription is unsubscribed hands its message back to the group.
+            if args.group is not None:
+                await handing_back.wait()
+                raise _PastCount
+            return
+        if not args.envelope:
+            emit(json.dumps(_message_json(msg)) if args.json else f"{msg.key or '-'}\t{_text(msg.data)}")
+            return
+        # Decoded here, not by subscribe_envelope: a message that is not an envelope is printed, never
+        # dead-lettered (watching must not change the topic).
+        try:
+            env = Envelope.decode(msg.data)
+        except InvalidEnvelopeError as exc:
+            emit(
+                f"keyedbus: not an envelope (key {msg.key or '-'}, message id {msg.message_id or '-'}): "
+                f"{exc.reason}",
+                to=sys.stderr,
+            )
+            return
         emit(env.encode().decode() if args.json else f"{env.aggregate_id}\t{env.event_type}\t{env.payload}")
 
-    if args.envelope:
-        await bus.subscribe_envelope(args.topic, on_envelope, group=args.group)
+    subscription = await bus.subscribe(args.topic, on_message, group=args.group)
+    if args.group is None:
+        print(f"tailing {args.topic} on {bus._url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     else:
-        await bus.subscribe(args.topic, on_message, group=args.group)
-    print(f"tailing {args.topic} on {bus._url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        print(
+            f"tailing {args.topic} on {bus._url} as group {args.group}: consuming, each message is acked and "
+            f"group {args.group} will not get it again (Ctrl-C to stop)",
+            file=sys.stderr,
+            flush=True,
+        )
     with trio.move_on_after(args.timeout if args.timeout is not None else math.inf):
         await done.wait()
+    if args.group is not None:
+        # No checkpoint between these two lines: unsubscribe() marks the subscription stopped before
+        # the woken handlers run, so their failure hands the messages back instead of retrying them.
+        handing_back.set()
+        await subscription.unsubscribe()
     return 0
+
+
+#: Groups named one per line by `stats`, busiest first; the rest are summed up in one line.
+_SHOWN_GROUPS = 10
 
 
 async def _stats(bus: Bus, args: argparse.Namespace) -> int:
@@ -212,17 +335,41 @@ async def _stats(bus: Bus, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(state))
         return 0
+    consumers = state["consumers"]
     print(
-        f"{state['topic']}: stream {state['stream']}, {state['messages']} message(s), "
-        f"{state['bytes']} bytes, sequences {state['first_seq']}..{state['last_seq']}"
+        f"{state['topic']}: {state['messages']} message(s), {state['bytes']} bytes, sequences "
+        f"{state['first_seq']}..{state['last_seq']} (stream {state['stream']}); {len(consumers)} group(s), "
+        f"lag {sum(c['lag'] for c in consumers)}, unacked {sum(c['unacked'] for c in consumers)}"
     )
-    if not state["consumers"]:
-        print("  no consumers")
-    for c in state["consumers"]:
+    # Busiest first, as BusStatistics shows its shards: a topic with many groups stays readable.
+    busiest = sorted(consumers, key=lambda c: (-(c["lag"] + c["unacked"]), c["consumer"]))
+    for c in busiest[:_SHOWN_GROUPS]:
+        name = c["group"] if c["group"] is not None else f"(consumer {c['consumer']})"
         print(
-            f"  consumer {c['consumer']}: lag {c['lag']}, unacked {c['unacked']}, "
-            f"redelivered {c['redelivered']}, ack floor {c['ack_floor']}"
+            f"  {name}: lag {c['lag']}, unacked {c['unacked']}, redelivered {c['redelivered']}, "
+            f"ack floor {c['ack_floor']}"
         )
+    rest = busiest[_SHOWN_GROUPS:]
+    if rest:
+        print(f"  ... and {len(rest)} more group(s): lag {sum(c['lag'] for c in rest)} (--json lists all)")
+    return 0
+
+
+async def _groups(bus: Bus, args: argparse.Namespace) -> int:
+    backend: Any = bus._backend
+    if args.delete is not None:
+        if not await backend.delete_group(args.topic, args.delete):
+            print(f"keyedbus: error: topic {args.topic} has no group {args.delete}", file=sys.stderr)
+            return 1
+        print(f"deleted group {args.delete} of {args.topic}", file=sys.stderr)
+        return 0
+    state = await backend.topic_state(args.topic)
+    for c in state["consumers"]:
+        if args.json:
+            print(json.dumps(c))
+        else:
+            print(f"{c['group'] if c['group'] is not None else '?'}\t{c['consumer']}\tlag {c['lag']}")
+    print(f"{len(state['consumers'])} group(s) on {args.topic}", file=sys.stderr)
     return 0
 
 
@@ -246,16 +393,18 @@ async def _dead_letters(bus: Bus, args: argparse.Namespace) -> int:
         print(f"{len(letters)} dead letter(s) on {source}", file=sys.stderr)
         return 0
     replayed = 0
-    for seq, msg in letters:  # oldest first: a key's dead letters go back in their order
-        target = msg.headers.get(ORIGINAL_TOPIC_HEADER, args.topic)
-        headers = replay_headers(msg.headers)  # the server's headers stay under Keyedbus-Original-*
-        # The same id if this replay is run again after a failure: stored once (deduplicated).
-        await bus.publish(
-            target, msg.data, key=msg.key, headers=headers, message_id=f"{msg.message_id or seq}.replay"
-        )
-        await backend.delete_stored(source, seq)
-        replayed += 1
-        print(f"replayed #{seq} (key {msg.key or '-'}) to {target}", file=sys.stderr, flush=True)
+    with _progress(len(letters), f"replaying {source}") as progress:
+        for seq, msg in letters:  # oldest first: a key's dead letters go back in their order
+            target = msg.headers.get(ORIGINAL_TOPIC_HEADER, args.topic)
+            headers = replay_headers(msg.headers)  # the server's headers stay under Keyedbus-Original-*
+            # The same id if this replay is run again after a failure: stored once (deduplicated).
+            await bus.publish(
+                target, msg.data, key=msg.key, headers=headers, message_id=f"{msg.message_id or seq}.replay"
+            )
+            await backend.delete_stored(source, seq)
+            replayed += 1
+            progress.update()
+            log.info("replayed #%d (key %s) to %s", seq, msg.key or "-", target)
     print(f"replayed {replayed} dead letter(s) from {source}", file=sys.stderr)
     return 0
 
@@ -291,24 +440,39 @@ async def _check(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> None:
     """Refuse bad arguments before connecting: a typo should not wait for connect_timeout."""
+    if args.connect_timeout < 0:
+        _fail(f"--connect-timeout must be >= 0 seconds, got {args.connect_timeout:g}")
+    if args.command == "check":
+        return
     check_topic(args.topic)
     if getattr(args, "key", None) is not None:
         check_key(args.key)
-    if getattr(args, "group", None) is not None:
-        check_topic(args.group, what="group")
+    for option in ("group", "delete"):
+        group = getattr(args, option, None)
+        if group is not None and (check_topic(group, what="group") and "." in group):
+            _fail(f"invalid group {group!r}: use one token of letters, digits, '_' and '-' (no dots)")
     if getattr(args, "dead_letter_topic", None) is not None:
         check_topic(args.dead_letter_topic, what="dead-letter topic")
     if args.command == "publish":
         check_headers(_headers(args.header))
+        if not args.envelope:
+            for option in ("event_type", "event_version"):
+                if getattr(args, option) is not None:
+                    _fail(f"--{option.replace('_', '-')} describes an envelope: add --envelope, or drop it")
         if args.envelope and not (args.key and args.event_type):
             _fail("--envelope needs --key (the aggregate_id) and --event-type")
+    if args.command == "tail":
+        if args.count is not None and args.count < 1:
+            _fail(f"--count must be at least 1, got {args.count}")
+        if args.timeout is not None and not args.timeout > 0:
+            _fail(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
 
 
 async def _run(args: argparse.Namespace) -> int:
+    _validate(args)
     if args.command == "check":
         return await _check(args)
     _needs_nats(args.url, args.command)
-    _validate(args)
     async with open_bus(args.url, connect_timeout=args.connect_timeout) as bus:
         if args.command == "publish":
             return await _publish(bus, args)
@@ -316,6 +480,8 @@ async def _run(args: argparse.Namespace) -> int:
             return await _tail(bus, args)
         if args.command == "stats":
             return await _stats(bus, args)
+        if args.command == "groups":
+            return await _groups(bus, args)
         return await _dead_letters(bus, args)
 
 
@@ -323,6 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 failed, 2 usage error)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    _configure_logging(args)
     try:
         return trio.run(_run, args)
     except _UsageError as exc:

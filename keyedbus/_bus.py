@@ -43,6 +43,7 @@ from ._messages import (
     wire_key_problem,
 )
 from ._pool import Counters, KeyedWorkerPool
+from ._runtime import import_nats_backend, require_trio
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -56,9 +57,12 @@ Handler = Callable[[T], Awaitable[None]]
 KeyFunction = Callable[[Message], "str | None"]
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, repr=False)
 class BusStatistics:
-    """A snapshot of the bus's pool and counters; counters are totals since the bus opened."""
+    """A snapshot of the bus's pool and counters; counters are totals since the bus opened.
+
+    Its repr (and str) is a one-line summary: the totals and the busiest shards, not every shard's depth.
+    """
 
     #: Worker tasks in the pool.
     workers: int
@@ -86,6 +90,26 @@ class BusStatistics:
     #: Messages a topic limit (max_msgs, max_bytes, max_age, or the bound of a topic no group subscribes to)
     #: evicted before every subscribed group had settled them; each eviction is also logged with the topic.
     evicted: int = 0
+
+    #: Shards named in the repr, busiest first.
+    _SHOWN_SHARDS = 5
+
+    def __repr__(self) -> str:
+        busy = sorted(
+            ((depth, shard) for shard, depth in enumerate(self.worker_queue_depths) if depth),
+            key=lambda item: (-item[0], item[1]),
+        )
+        shown = ", ".join(f"#{shard}: {depth}" for depth, shard in busy[: self._SHOWN_SHARDS])
+        more = len(busy) - self._SHOWN_SHARDS
+        shards = f"{{{shown}}}" + (f" (+{more} more non-empty)" if more > 0 else "")
+        return (
+            f"BusStatistics(workers={self.workers}, queued={self.queued}, in_flight={self.in_flight}, "
+            f"handled={self.handled}, retried={self.retried}, dead_lettered={self.dead_lettered}, "
+            f"dropped={self.dropped}, parked_keys={self.parked_keys}, lag={self.lag}, "
+            f"connected={self.connected}, busiest_shards={shards})"
+        )
+
+    __str__ = __repr__
 
 
 def _check_handler(handler: object) -> None:
@@ -676,6 +700,7 @@ async def open_bus(
     number is logged. `max_payload` (memory:// only; NATS uses its server's) is the largest message in bytes,
     payload plus encoded headers, 1 MiB by default as on nats-server.
     """
+    require_trio("keyedbus.open_bus")
     scheme = _check_url(url)
     if not isinstance(pool, PoolConfig):
         raise ArgumentTypeError(f"pool must be a keyedbus.PoolConfig, got {type(pool).__name__}")
@@ -704,7 +729,7 @@ async def open_bus(
             nats_backend: Any = None
             if scheme != "memory":
                 # Imported here only: trio_asyncio re-routes asyncio for the whole process.
-                from ._backends import nats as nats_backend
+                nats_backend = import_nats_backend()
 
                 await stack.enter_async_context(nats_backend.open_loop())
             async with trio.open_nursery() as nursery:

@@ -15,8 +15,10 @@ __all__ = [
     "InvalidKeyError",
     "InvalidTopicError",
     "KeyedBusError",
+    "MissingExtraError",
     "PublishError",
     "TopicConfigConflictError",
+    "UnsupportedEventLoopError",
 ]
 
 
@@ -92,3 +94,11 @@ class TopicFullError(PublishError):
 
 class HandlerTimeoutError(KeyedBusError):
     """A handler ran longer than `PoolConfig.handler_timeout` and was cancelled."""
+
+
+class MissingExtraError(KeyedBusError, ImportError):
+    """An optional part of keyedbus needs packages that are not installed; the message names the extra."""
+
+
+class UnsupportedEventLoopError(KeyedBusError, RuntimeError):
+    """keyedbus was called outside a trio run (for example under asyncio or anyio's asyncio backend)."""

@@ -45,6 +45,7 @@ __all__ = [
     "PullSubscription",
     "Streams",
     "consumer_name",
+    "group_of",
     "stream_config",
     "stream_name",
 ]
@@ -78,6 +79,20 @@ def stream_name(topic: str) -> str:
 def consumer_name(topic: str, group: str) -> str:
     """The durable pull consumer of (topic, group); the default group is called "default"."""
     return _name("KBC", f"{topic}.{group or 'default'}")
+
+
+def group_of(topic: str, consumer: str) -> str | None:
+    """The group whose durable consumer on `topic` is named `consumer` ("" for the default group), or None
+    when the name is not one keyedbus gives (or too long to read the group back from)."""
+    prefix = f"KBC_{topic.replace('.', '_')}_"
+    readable = consumer.rpartition("_")[0]
+    if not readable.startswith(prefix):
+        return None
+    group = readable[len(prefix) :]
+    for candidate in (group, "") if group == "default" else (group,):
+        if consumer_name(topic, candidate) == consumer:
+            return candidate
+    return None
 
 
 def stream_config(topic: str, config: TopicConfig) -> Any:

@@ -22,7 +22,7 @@ from ._base import AtMostOnceDelivery, Inbox, Outgoing
 from ._connection import NatsConnection, Publish, message_from, open_loop
 from ._connection import connect as _connect
 from ._urls import safe_url
-from .jetstream import PullSubscription, Streams, aio_get_messages, stream_name
+from .jetstream import PullSubscription, Streams, aio_get_messages, consumer_name, group_of, stream_name
 
 __all__ = ["NatsBackend", "connect", "open_loop", "safe_url"]
 
@@ -248,6 +248,7 @@ class NatsBackend:
         for c in await self.js.consumers_info(name):
             consumers.append(
                 {
+                    "group": group_of(topic, c.name),
                     "consumer": c.name,
                     "lag": c.num_pending or 0,
                     "unacked": c.num_ack_pending or 0,
@@ -277,6 +278,16 @@ class NatsBackend:
             )
             found += [(seq, message_from(topic, raw.data, raw.headers, 1)) for seq, raw in chunk]
         return found
+
+    async def delete_group(self, topic: str, group: str) -> bool:
+        """Delete the durable consumer of (topic, group) and so its position; False if there is none."""
+        try:
+            await trio_asyncio.aio_as_trio(self.js.delete_consumer)(
+                stream_name(topic), consumer_name(topic, group)
+            )
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
 
     async def delete_stored(self, topic: str, seq: int) -> None:
         """Remove one stored message (a replayed dead letter) from a persistent topic's stream."""
