@@ -105,8 +105,8 @@ class BusStatistics:
         return (
             f"BusStatistics(workers={self.workers}, queued={self.queued}, in_flight={self.in_flight}, "
             f"handled={self.handled}, retried={self.retried}, dead_lettered={self.dead_lettered}, "
-            f"dropped={self.dropped}, parked_keys={self.parked_keys}, lag={self.lag}, "
-            f"connected={self.connected}, busiest_shards={shards})"
+            f"dropped={self.dropped}, evicted={self.evicted}, parked_keys={self.parked_keys}, "
+            f"lag={self.lag}, connected={self.connected}, busiest_shards={shards})"
         )
 
     __str__ = __repr__

@@ -112,3 +112,35 @@ def test_the_cli_reports_the_missing_extra_in_one_line(without_nats: dict[str, s
 def test_missing_extra_error_is_public() -> None:
     assert issubclass(keyedbus.MissingExtraError, keyedbus.KeyedBusError)
     assert "MissingExtraError" in keyedbus.__all__
+
+
+def test_statistics_repr_shows_totals_and_the_busiest_shards_not_every_depth() -> None:
+    depths = (0,) * 100 + (3,) + (0,) * 50 + (7, 1, 2, 5, 4) + (0,) * 100
+    stats = keyedbus.BusStatistics(
+        workers=len(depths),
+        queued=22,
+        in_flight=2,
+        handled=10,
+        retried=1,
+        dead_lettered=0,
+        dropped=0,
+        parked_keys=1,
+        connected=True,
+        worker_queue_depths=depths,
+        lag=4,
+    )
+    expected = (
+        "BusStatistics(workers=256, queued=22, in_flight=2, handled=10, retried=1, dead_lettered=0, "
+        "dropped=0, evicted=0, parked_keys=1, lag=4, connected=True, "
+        "busiest_shards={#151: 7, #154: 5, #155: 4, #100: 3, #153: 2} (+1 more non-empty))"
+    )
+    assert repr(stats) == expected
+    assert str(stats) == expected
+    assert stats.worker_queue_depths == depths  # the tuple is still there, whole
+
+
+async def test_a_fresh_bus_statistics_repr_is_one_short_line() -> None:
+    async with keyedbus.open_bus() as bus:
+        text = str(bus.statistics())
+    assert text.endswith("connected=True, busiest_shards={})")
+    assert len(text) < 250
