@@ -5,7 +5,8 @@
 Runs the operations in order and prints one JSON line per result. Operations ("op"):
 publish (JetStream publish, returns the stored sequence or the error), core_publish, add_stream,
 update_stream, stream_info, delete_stream, add_consumer, consumer_info, delete_consumer, get_msg, and
-read_core (subscribe to a subject, print {"ready": true}, then collect `count` messages).
+edit_stream, edit_consumer (change the settings in "set", keep the rest), read_core
+(subscribe to a subject, print {"ready": true}, then collect `count` messages).
 Data is given as text ("data") or base64 ("data_b64"); errors are returned as {"error": ..., "code": ...}.
 It stands in for a Go or JavaScript client or an operator's `nats` command line.
 """
@@ -48,6 +49,14 @@ async def _run(nc: Any, op: dict[str, Any]) -> Any:
     if kind in ("add_stream", "update_stream"):
         config = nats.js.api.StreamConfig(**op["config"])
         info = await (js.add_stream(config) if kind == "add_stream" else js.update_stream(config))
+        return _plain(info.config)
+    if kind == "edit_stream":  # what `nats stream edit` does: change some settings, keep the rest
+        current = (await js.stream_info(op["name"])).config
+        info = await js.update_stream(dataclasses.replace(current, **op["set"]))
+        return _plain(info.config)
+    if kind == "edit_consumer":
+        current = (await js.consumer_info(op["stream"], op["name"])).config
+        info = await js.add_consumer(op["stream"], dataclasses.replace(current, **op["set"]))
         return _plain(info.config)
     if kind == "stream_info":
         info = await js.stream_info(op["name"])

@@ -215,3 +215,172 @@ async def test_a_publish_without_a_store_ack_says_it_may_be_stored_and_a_retry_i
             await bus.subscribe("orders", handler)
             await wait_until_handled(bus)
     assert [m.data for m in seen] == [b"placed", b"paid"]
+
+
+WEEK = 7 * 24 * 3600.0
+
+
+@pytest.mark.nats
+async def test_an_operators_settings_survive_a_new_process_first_publish_and_subscribe(
+    nats_server: NatsServer,
+) -> None:
+    url = nats_server.url
+    stream, durable = stream_name("orders"), consumer_name("orders", "billing")
+    _, handler = _recorder()
+    with trio.fail_after(60):
+        async with keyedbus.open_bus(url) as bus:  # the first deployment creates stream and consumer
+            await bus.subscribe("orders", handler, group="billing")
+            await bus.publish("orders", b"1", key="k")
+        await foreign(
+            url,
+            {"op": "edit_stream", "name": stream, "set": {"max_age": WEEK}},
+            {
+                "op": "edit_consumer",
+                "stream": stream,
+                "name": durable,
+                "set": {"ack_wait": 120.0, "max_deliver": 10, "max_ack_pending": 500},
+            },
+        )
+        seen, handler = _recorder()
+        # A new process with its own (different) defaults: publish and subscribe change nothing that exists.
+        async with keyedbus.open_bus(url, default_topic=keyedbus.TopicConfig(ack_wait=5)) as bus:
+            await bus.publish("orders", b"2", key="k")
+            await bus.subscribe("orders", handler, group="billing")
+            await wait_until_handled(bus)
+        [info, consumer] = await foreign(
+            url,
+            {"op": "stream_info", "name": stream},
+            {"op": "consumer_info", "stream": stream, "name": durable},
+        )
+    assert [m.data for m in seen] == [b"2"]
+    assert info["config"]["max_age"] == WEEK
+    config = consumer["config"]
+    assert (config["ack_wait"], config["max_deliver"], config["max_ack_pending"]) == (120.0, 10, 500)
+
+
+@pytest.mark.nats
+async def test_configure_topic_changes_only_what_it_sets_and_logs_old_and_new(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = nats_server.url
+    stream, durable = stream_name("orders"), consumer_name("orders", "")
+    _, handler = _recorder()
+    with trio.fail_after(60):
+        async with keyedbus.open_bus(url) as bus:
+            await bus.subscribe("orders", handler)
+        await foreign(
+            url,
+            {"op": "edit_stream", "name": stream, "set": {"max_age": WEEK, "max_msgs": 1000}},
+            {
+                "op": "edit_consumer",
+                "stream": stream,
+                "name": durable,
+                "set": {"ack_wait": 120.0, "max_deliver": 10},
+            },
+        )
+        caplog.set_level("INFO", logger="keyedbus")
+        async with keyedbus.open_bus(url) as bus:
+            await bus.configure_topic("orders", keyedbus.TopicConfig(max_msgs=50, ack_wait=60))
+            await bus.subscribe("orders", handler)
+        [info, consumer] = await foreign(
+            url,
+            {"op": "stream_info", "name": stream},
+            {"op": "consumer_info", "stream": stream, "name": durable},
+        )
+    assert (info["config"]["max_msgs"], info["config"]["max_age"]) == (50, WEEK)
+    assert (consumer["config"]["ack_wait"], consumer["config"]["max_deliver"]) == (60.0, 10)
+    changes = [r.getMessage() for r in caplog.records if "changed" in r.getMessage()]
+    assert changes == [
+        f"stream {stream} of topic orders: max_msgs changed 1000 -> 50 (set with configure_topic)",
+        f"consumer {durable} of topic orders: ack_wait changed 120.0 -> 60.0 (set with configure_topic)",
+    ]
+
+
+@pytest.mark.nats
+async def test_a_topic_captured_by_an_operators_stream_is_stored_and_read_there(
+    nats_server: NatsServer,
+) -> None:
+    url = nats_server.url
+    seen, handler = _recorder()
+    [created] = await foreign(
+        url, {"op": "add_stream", "config": {"name": "BILLING", "subjects": ["billing.>"], "max_age": WEEK}}
+    )
+    assert created["subjects"] == ["billing.>"]
+    with trio.fail_after(60):
+        async with keyedbus.open_bus(url) as bus:
+            await bus.subscribe("billing.invoice", handler)
+            await bus.publish("billing.invoice", b"i-1", key="customer-1")
+            await foreign(
+                url,
+                {"op": "publish", "subject": "billing.refund", "data": "not ours"},
+                {
+                    "op": "publish",
+                    "subject": "billing.invoice",
+                    "data": "i-2",
+                    "headers": {"X-Aggregate-ID": "customer-1"},
+                },
+            )
+            await wait_until_handled(bus)
+        [info, ours] = await foreign(
+            url,
+            {"op": "stream_info", "name": "BILLING"},
+            {"op": "stream_info", "name": stream_name("billing.invoice")},
+        )
+    assert [m.data for m in seen] == [b"i-1", b"i-2"]
+    assert info["state"]["messages"] == 3
+    assert info["config"]["max_age"] == WEEK
+    assert ours["code"] == 10059  # keyedbus created no stream of its own
+
+
+@pytest.mark.nats
+@pytest.mark.parametrize(
+    ("setting", "why"),
+    [
+        (
+            {"ack_policy": "none"},
+            "ack_policy is 'none', and keyedbus settles each message itself (ack_policy 'explicit'), so it "
+            "could neither retry nor hand back a message",
+        ),
+        (
+            {"deliver_policy": "new"},
+            "deliver_policy is 'new', so messages stored before it was created are never delivered; keyedbus "
+            "needs 'all' (or a start sequence or time an operator chose)",
+        ),
+    ],
+)
+async def test_a_pre_created_consumer_that_cannot_work_is_an_error_naming_the_setting(
+    nats_server: NatsServer, setting: dict[str, str], why: str
+) -> None:
+    url = nats_server.url
+    stream, durable = stream_name("orders"), consumer_name("orders", "")
+    await foreign(
+        url,
+        {"op": "add_stream", "config": {"name": stream, "subjects": ["orders"]}},
+        {"op": "add_consumer", "stream": stream, "config": {"durable_name": durable, **setting}},
+    )
+    _, handler = _recorder()
+    with trio.fail_after(30):
+        async with keyedbus.open_bus(url) as bus:
+            with pytest.raises(keyedbus.TopicConfigConflictError) as info:
+                await bus.subscribe("orders", handler)
+            assert str(info.value) == (
+                f"the existing JetStream consumer {durable} on stream {stream} cannot be used for topic "
+                f"'orders': {why}; delete it (nats consumer rm {stream} {durable}) to let keyedbus create "
+                "its own, or subscribe with another group"
+            )
+            await bus.subscribe("orders", handler, group="other")  # the bus goes on
+
+
+@pytest.mark.nats
+async def test_a_stream_the_server_refuses_is_reported_with_the_servers_reason(
+    nats_server: NatsServer,
+) -> None:
+    with trio.fail_after(30):
+        async with keyedbus.open_bus(nats_server.url) as bus:
+            with pytest.raises(keyedbus.KeyedBusError) as info:
+                await bus.configure_topic("orders", keyedbus.TopicConfig(replicas=3))
+    assert str(info.value) == (
+        "no JetStream stream for topic 'orders': the server refused (replicas > 1 not supported in "
+        "non-clustered mode (err 10074, status 500)); check the server's JetStream limits and this account's "
+        "permissions"
+    )

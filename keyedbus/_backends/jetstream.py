@@ -30,12 +30,21 @@ import trio
 import trio_asyncio
 
 from .._config import TopicConfig
-from .._errors import KeyedBusError
 from .._messages import Message
-from .._pool import fnv1a_32
 from . import _natspy
 from ._base import Inbox
 from ._connection import NatsConnection, message_from
+from ._streams import (
+    DUPLICATE_WINDOW,
+    MAX_ACK_PENDING,
+    StreamInfo,
+    Streams,
+    consumer_name,
+    group_of,
+    open_consumer,
+    stream_config,
+    stream_name,
+)
 
 __all__ = [
     "DUPLICATE_WINDOW",
@@ -56,100 +65,10 @@ logger = logging.getLogger("keyedbus")
 FETCH_BATCH = 256
 #: Seconds one pull request waits on the server; also how long a stop waits for the fetch in flight.
 _FETCH_WAIT = 0.5
-#: Unacked messages one durable consumer may have outstanding: what bounds memory on the consumer side.
-MAX_ACK_PENDING = 20_000
-#: Seconds during which a message id seen before is not stored again.
-DUPLICATE_WINDOW = 120.0
 #: Owed sequences read back in one crossing (pipelined requests).
 _READ_BACK_CHUNK = 1024
 #: Seconds between reads of the consumer's ack floor while keys are held.
 _FLOOR_POLL = 0.5
-
-
-def _name(prefix: str, text: str) -> str:
-    """A JetStream name (no dots) unique per text: a readable part plus a stable hash."""
-    return f"{prefix}_{text.replace('.', '_')[:80]}_{fnv1a_32(text):08x}"
-
-
-def stream_name(topic: str) -> str:
-    """The stream that stores `topic` (its only subject is the topic)."""
-    return _name("KB", topic)
-
-
-def consumer_name(topic: str, group: str) -> str:
-    """The durable pull consumer of (topic, group); the default group is called "default"."""
-    return _name("KBC", f"{topic}.{group or 'default'}")
-
-
-def group_of(topic: str, consumer: str) -> str | None:
-    """The group whose durable consumer on `topic` is named `consumer` ("" for the default group), or None
-    when the name is not one keyedbus gives (or too long to read the group back from)."""
-    prefix = f"KBC_{topic.replace('.', '_')}_"
-    readable = consumer.rpartition("_")[0]
-    if not readable.startswith(prefix):
-        return None
-    group = readable[len(prefix) :]
-    for candidate in (group, "") if group == "default" else (group,):
-        if consumer_name(topic, candidate) == consumer:
-            return candidate
-    return None
-
-
-def stream_config(topic: str, config: TopicConfig) -> Any:
-    """The StreamConfig for `topic`: file storage, limits from `config`, a 120 s duplicate window."""
-    return nats.js.api.StreamConfig(
-        name=stream_name(topic),
-        subjects=[topic],
-        max_age=config.max_age,
-        max_bytes=config.max_bytes or -1,
-        max_msgs=config.max_msgs or -1,
-        num_replicas=config.replicas,
-        duplicate_window=DUPLICATE_WINDOW,
-        storage=nats.js.api.StorageType.FILE,
-    )
-
-
-def _consumer_config(durable: str, config: TopicConfig) -> Any:
-    return nats.js.api.ConsumerConfig(
-        name=durable,
-        durable_name=durable,
-        ack_policy=nats.js.api.AckPolicy.EXPLICIT,
-        ack_wait=config.ack_wait,
-        max_ack_pending=MAX_ACK_PENDING,
-        deliver_policy=nats.js.api.DeliverPolicy.ALL,
-    )
-
-
-class Streams:
-    """The streams of persistent topics on one connection, created on first use."""
-
-    def __init__(self, conn: NatsConnection) -> None:
-        self._conn = conn
-        self._known: set[str] = set()
-        self._lock = trio.Lock()
-
-    async def ensure(self, topic: str, config: TopicConfig, *, update: bool = False) -> None:
-        """Make sure `topic`'s stream exists (and has `config`'s settings if `update`)."""
-        name = stream_name(topic)
-        if name in self._known and not update:
-            return
-        async with self._lock:
-            if name in self._known and not update:
-                return
-            try:
-                await trio_asyncio.aio_as_trio(self._add_or_update)(stream_config(topic, config))
-            except nats.errors.Error as exc:
-                raise KeyedBusError(
-                    f"could not create the JetStream stream for topic {topic!r}: {exc}; check that "
-                    "nats-server runs with JetStream enabled (-js)"
-                ) from exc
-            self._known.add(name)
-
-    async def _add_or_update(self, stream: Any) -> None:
-        try:
-            await self._conn.js.add_stream(stream)
-        except nats.js.errors.BadRequestError:
-            await self._conn.js.update_stream(stream)
 
 
 @attrs.define(eq=False)
@@ -185,16 +104,23 @@ class PullSubscription:
         group: str,
         inbox: Inbox,
         *,
+        stream: StreamInfo,
         on_detach: Callable[[PullSubscription], None],
+        explicit: dict[str, Any] | None = None,
+        durable: str | None = None,
     ) -> None:
+        """Read `topic` from `stream` for `group` through the durable consumer `durable` (keyedbus's name
+        for (topic, group) by default); `explicit` are the settings configure_topic set (see _streams)."""
         self.conn = conn
         self._on_detach = on_detach
+        self._explicit = explicit or {}
+        self.stream_info = stream
         self.topic = topic
         self.config = config
         self.inbox = inbox
         self.group = group
-        self.stream = stream_name(topic)
-        self.durable = consumer_name(topic, group)
+        self.stream = stream.name
+        self.durable = durable or consumer_name(topic, group)
         self.puller = _Puller(conn.nc, conn.js, self.stream, self.durable)
         #: Delivered and unsettled, by stream sequence (queued, parked, running or held).
         self.outstanding: dict[int, JetStreamDelivery] = {}
@@ -217,7 +143,9 @@ class PullSubscription:
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Create or bind the durable consumer, learn what an earlier consumer still owes, start reading."""
-        info = await trio_asyncio.aio_as_trio(self.puller.open)(_consumer_config(self.durable, self.config))
+        info = await trio_asyncio.aio_as_trio(self.puller.open)(
+            self.topic, self.config, self._explicit, self.stream_info.filter_for(self.topic)
+        )
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         delivered = info.delivered.stream_seq if info.delivered else 0
         if info.num_waiting:
@@ -454,15 +382,16 @@ class _Puller:
         self._open = 0  # messages the outstanding pull request may still bring
         self._deadline = 0.0
 
-    async def open(self, config: Any) -> Any:
-        """Create (or update) the durable consumer and subscribe to our inbox; return the consumer info."""
-        try:
-            await self._js.add_consumer(self._stream, config=config)
-        except nats.js.errors.BadRequestError as exc:
-            # An existing consumer whose settings cannot change in place: use it as it is.
-            logger.warning("%s: kept the existing consumer settings: %s", self._durable, exc)
+    async def open(
+        self, topic: str, config: TopicConfig, explicit: dict[str, Any], filter_subject: str | None
+    ) -> Any:
+        """Create or check the durable consumer (see `_streams.open_consumer`), subscribe to our inbox;
+        return the consumer info."""
+        info = await open_consumer(
+            self._js, self._stream, self._durable, topic, config, explicit, filter_subject
+        )
         self._sub = await self._nc.subscribe(self._inbox, pending_msgs_limit=4 * FETCH_BATCH)
-        return await self._js.consumer_info(self._stream, self._durable)
+        return info
 
     async def take(self) -> list[Any]:
         """The next messages (at least one), or [] when a pull request ended with none."""

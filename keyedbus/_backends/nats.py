@@ -21,8 +21,9 @@ from . import _natspy
 from ._base import AtMostOnceDelivery, Inbox, Outgoing
 from ._connection import NatsConnection, Publish, message_from, open_loop
 from ._connection import connect as _connect
+from ._streams import consumer_name, explicit_settings, group_of
 from ._urls import safe_url
-from .jetstream import PullSubscription, Streams, aio_get_messages, consumer_name, group_of, stream_name
+from .jetstream import PullSubscription, Streams, aio_get_messages
 
 __all__ = ["NatsBackend", "connect", "open_loop", "safe_url"]
 
@@ -95,6 +96,8 @@ class NatsBackend:
         self.js = conn.js
         self._url = conn.url
         self._streams = Streams(conn)
+        #: Settings configure_topic set explicitly, per topic: the only ones changed on what exists.
+        self._explicit: dict[str, dict[str, Any]] = {}
         self._core_subs: set[_CoreSubscription] = set()
         self._pull_subs: set[PullSubscription] = set()
         self._settled_at = -1
@@ -108,7 +111,9 @@ class NatsBackend:
 
     async def configure_topic(self, topic: str, config: TopicConfig) -> None:
         if config.persistent:
-            await self._streams.ensure(topic, config, update=True)
+            explicit = explicit_settings(config)
+            self._explicit[topic] = explicit
+            await self._streams.ensure(topic, config, explicit=explicit)
 
     # -- publishing -----------------------------------------------------------------------------------
 
@@ -162,8 +167,17 @@ class NatsBackend:
     ) -> PullSubscription | _CoreSubscription:
         sub: PullSubscription | _CoreSubscription
         if config.persistent:
-            await self._streams.ensure(topic, config)
-            sub = PullSubscription(self._conn, topic, config, group, inbox, on_detach=self.forget)
+            stream = await self._streams.ensure(topic, config)
+            sub = PullSubscription(
+                self._conn,
+                topic,
+                config,
+                group,
+                inbox,
+                stream=stream,
+                on_detach=self.forget,
+                explicit=self._explicit.get(topic),
+            )
             try:
                 await sub.start(self._nursery)
             except nats.errors.Error as exc:
@@ -236,14 +250,13 @@ class NatsBackend:
         return dict(await trio_asyncio.aio_as_trio(self._aio_topic_state)(topic))
 
     async def _aio_topic_state(self, topic: str) -> dict[str, Any]:
-        name = stream_name(topic)
-        try:
-            info = await self.js.stream_info(name)
-        except nats.js.errors.NotFoundError:
+        found = await self._streams.aio_find(topic)
+        if found is None:
             raise KeyedBusError(
                 f"topic {topic!r} has no JetStream stream on {safe_url(self._url)}: nothing was published to "
                 "it as a persistent topic"
-            ) from None
+            )
+        info, name = found, found.config.name
         consumers = []
         for c in await self.js.consumers_info(name):
             consumers.append(
@@ -274,16 +287,21 @@ class NatsBackend:
         found: list[tuple[int, Message]] = []
         for start in range(0, len(seqs), 1024):
             chunk = await trio_asyncio.aio_as_trio(aio_get_messages)(
-                self.js, stream_name(topic), seqs[start : start + 1024]
+                self.js, state["stream"], seqs[start : start + 1024]
             )
-            found += [(seq, message_from(topic, raw.data, raw.headers, 1)) for seq, raw in chunk]
+            found += [
+                (seq, message_from(topic, raw.data, raw.headers, 1))
+                for seq, raw in chunk
+                if raw.subject == topic  # a shared stream (an operator's `billing.>`) holds other topics
+            ]
         return found
 
     async def delete_group(self, topic: str, group: str) -> bool:
         """Delete the durable consumer of (topic, group) and so its position; False if there is none."""
         try:
+            state = await self.topic_state(topic)
             await trio_asyncio.aio_as_trio(self.js.delete_consumer)(
-                stream_name(topic), consumer_name(topic, group)
+                state["stream"], consumer_name(topic, group)
             )
         except nats.js.errors.NotFoundError:
             return False
@@ -291,7 +309,8 @@ class NatsBackend:
 
     async def delete_stored(self, topic: str, seq: int) -> None:
         """Remove one stored message (a replayed dead letter) from a persistent topic's stream."""
-        await trio_asyncio.aio_as_trio(self.js.delete_msg)(stream_name(topic), seq)
+        state = await self.topic_state(topic)
+        await trio_asyncio.aio_as_trio(self.js.delete_msg)(state["stream"], seq)
 
     async def jetstream_info(self) -> str:
         """A line on JetStream availability for this account, or why it is not available."""
