@@ -188,6 +188,13 @@ async def foreign_reader(url: str, subject: str, count: int, ready: trio.Event) 
     return list(lines[-1])
 
 
+async def _wait_stopped(pid: int) -> None:
+    """Until the process is stopped: a signal is delivered asynchronously, a running thread may go on."""
+    stat = trio.Path(f"/proc/{pid}/stat")
+    while (await stat.read_text()).rsplit(")", 1)[1].split()[0] != "T":  # noqa: ASYNC110 - another process
+        await trio.sleep(0.01)
+
+
 @pytest.mark.nats
 async def test_a_publish_without_a_store_ack_says_it_may_be_stored_and_a_retry_is_safe(
     nats_server: NatsServer,
@@ -198,6 +205,7 @@ async def test_a_publish_without_a_store_ack_says_it_may_be_stored_and_a_retry_i
         async with keyedbus.open_bus(nats_server.url) as bus:
             await bus.configure_topic("orders", keyedbus.TopicConfig())
             nats_server.process.send_signal(signal.SIGSTOP)  # the server takes the message, answers later
+            await _wait_stopped(nats_server.process.pid)
             try:
                 with pytest.raises(keyedbus.PublishError) as info:
                     await bus.publish("orders", b"placed", key="order-1", message_id="order-1-placed")
