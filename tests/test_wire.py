@@ -6,6 +6,7 @@ Each test starts its own nats-server; a foreign client is plain nats-py on plain
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import trio
 
 import keyedbus
 from keyedbus._backends.jetstream import consumer_name, stream_name
-from keyedbus.testing import NatsServer, wait_until_handled
+from keyedbus.testing import NatsServer, free_port, wait_until_handled
 
 from .conftest import Backend
 
@@ -392,3 +393,32 @@ async def test_a_stream_the_server_refuses_is_reported_with_the_servers_reason(
         "non-clustered mode (err 10074, status 500)); check the server's JetStream limits and this account's "
         "permissions"
     )
+
+
+@pytest.mark.nats
+async def test_connecting_to_nothing_logs_one_line_and_says_how_many_attempts_failed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()
+    caplog.set_level("DEBUG", logger="keyedbus")
+    with pytest.raises(keyedbus.ConnectionFailedError) as info:
+        async with keyedbus.open_bus(f"nats://127.0.0.1:{port}", connect_timeout=2.0):
+            pass  # pragma: no cover
+    match = re.fullmatch(
+        rf"no NATS server answered at nats://127\.0\.0\.1:{port} within connect_timeout=2\.0 s \((\d+) "
+        r"attempt\(s\), the last failed with ConnectionRefusedError: .*\): check the address and that "
+        "nats-server runs there",
+        str(info.value),
+    )
+    assert match is not None, str(info.value)
+    attempts = int(match.group(1))
+    assert attempts >= 2  # it retried within connect_timeout (a server may be starting)
+    ours = [r for r in caplog.records if r.name == "keyedbus"]
+    loud = [r.getMessage() for r in ours if r.levelno >= logging.INFO]
+    assert loud == [f"connecting to NATS at nats://127.0.0.1:{port}: attempt 1 failed: {_refused(port)}"]
+    assert len(ours) == attempts  # one line per attempt, the rest at DEBUG
+    assert not any("disconnected" in r.getMessage() for r in ours)
+
+
+def _refused(port: int) -> str:
+    return f"ConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1', {port})"

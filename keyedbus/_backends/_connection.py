@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -300,23 +301,37 @@ async def connect(
     servers = [s.strip() for s in url.split(",")]
     secrets = _secrets(url, options)
     refused: list[str] = []
+    #: Failed attempts before the first connection, and the last reason (for the error and the log).
+    failures: list[str] = []
     attempt = trio.CancelScope(deadline=trio.current_time() + connect_timeout)
+
+    def give_up_soon() -> None:
+        # Not from inside nats-py's callback: it closes the refused socket right after the callback returns.
+        asyncio.get_running_loop().call_later(0.05, attempt.cancel)
 
     async def on_error(exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError) and conn is not None:
             conn.on_slow_consumer(exc.sid)
             return
         text = _scrub(f"{type(exc).__name__}: {exc}", secrets)
-        if _is_auth_error(exc):
-            # Retrying cannot fix wrong credentials: stop the initial connect now, say why.
-            refused.append(text)
-            if nc is None:
-                # Not from inside this callback: nats-py closes the refused socket right after it returns.
-                asyncio.get_running_loop().call_later(0.05, attempt.cancel)
+        if nc is None:
+            # Before the first connection nats-py calls this once per attempt: one line for the first,
+            # DEBUG for the rest; the final error says how many there were.
+            failures.append(text)
+            if _is_auth_error(exc):
+                # Retrying cannot fix wrong credentials: stop the initial connect now, say why.
+                refused.append(text)
+                give_up_soon()
+            elif isinstance(exc, ssl.SSLError):
+                give_up_soon()  # nor can it fix a certificate or TLS setting
+            level = logging.WARNING if len(failures) == 1 else logging.DEBUG
+            logger.log(level, "connecting to NATS at %s: attempt %d failed: %s", shown, len(failures), text)
+            return
         logger.warning("NATS connection to %s: %s", shown, text)
 
     async def on_disconnect() -> None:
-        if conn is None or not conn.closing:
+        # Before the first connection a failed attempt is not a disconnection.
+        if nc is not None and (conn is None or not conn.closing):
             logger.warning("disconnected from NATS at %s; reconnecting", shown)
 
     async def on_reconnect() -> None:
@@ -351,6 +366,7 @@ async def connect(
             # Given up (timeout, refused, cancelled): close what the attempt opened.
             with trio.CancelScope(shield=True), trio.move_on_after(2), contextlib.suppress(Exception):
                 await trio_asyncio.aio_as_trio(client.close)()
+    tried = f"{len(failures)} attempt(s), the last failed with {failures[-1]}" if failures else "no answer"
     if nc is None and refused:
         raise ConnectionFailedError(
             f"the NATS server at {shown} refused the connection ({refused[-1]}): check user/password, "
@@ -358,8 +374,8 @@ async def connect(
         )
     if nc is None:
         raise ConnectionFailedError(
-            f"no NATS server answered at {shown} within connect_timeout={connect_timeout} s: check the "
-            "address and that nats-server runs there"
+            f"no NATS server answered at {shown} within connect_timeout={connect_timeout} s ({tried}): "
+            "check the address and that nats-server runs there"
         )
     conn = NatsConnection(nc, nursery, url)
     conn.start()
