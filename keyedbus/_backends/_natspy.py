@@ -20,6 +20,7 @@ __all__ = [
     "SUPPORTED",
     "api_prefix",
     "check_version",
+    "delivery_info",
     "encoded_size",
     "is_data",
     "request_pull",
@@ -131,6 +132,18 @@ def is_data(msg: Any) -> bool:
     a header named `Status` itself); status replies (404, 408, 409, 100) have none.
     """
     return str(msg.reply or "").startswith("$JS.ACK.")
+
+
+def delivery_info(msg: Any) -> tuple[int, int, int]:
+    """(stream sequence, delivery count, messages pending) of a stored message, from its reply subject.
+
+    The fields nats-py's `msg.metadata` parses, without its dataclasses and timestamp (5 us a message).
+    """
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>
+        return int(tokens[5]), int(tokens[4]), int(tokens[8])
+    meta = msg.metadata  # the form with domain and account hash: nats-py knows its layout
+    return int(meta.sequence.stream), int(meta.num_delivered), int(meta.num_pending)
 
 
 def status_of(msg: Any) -> str:

@@ -236,18 +236,17 @@ class PullSubscription:
         """Track a fetched batch; return what may be queued now, holding keys still owed a message."""
         ready: list[JetStreamDelivery] = []
         for m in raw:
-            meta = m.metadata
-            seq = meta.sequence.stream
+            seq, delivered, pending = _natspy.delivery_info(m)
             if seq > self.last_seen:
                 self.last_seen = seq
-                self.lag = meta.num_pending
+                self.lag = pending
             current = self.outstanding.get(seq)
             if current is not None:
                 # Redelivered while this process still has it (its ack_wait passed while the broker was
                 # away): keep one copy, settled through the newest delivery.
                 current.raw = m
                 continue
-            message = message_from(self.topic, m.data, m.headers, meta.num_delivered)
+            message = message_from(self.topic, m.data, m.headers, delivered)
             delivery = JetStreamDelivery(self, m, seq, message)
             self.outstanding[seq] = delivery
             if not self.owed_by_key:
