@@ -90,6 +90,9 @@ class BusStatistics:
     #: Messages a topic limit (max_msgs, max_bytes, max_age, or the bound of a topic no group subscribes to)
     #: evicted before every subscribed group had settled them; each eviction is also logged with the topic.
     evicted: int = 0
+    #: Subscriptions whose broker-side consumer or stream vanished (deleted by an operator, or a server
+    #: restarted with an empty store) and is being recreated now, with backoff; each incident is logged.
+    recovering: int = 0
 
     #: Shards named in the repr, busiest first.
     _SHOWN_SHARDS = 5
@@ -102,11 +105,12 @@ class BusStatistics:
         shown = ", ".join(f"#{shard}: {depth}" for depth, shard in busy[: self._SHOWN_SHARDS])
         more = len(busy) - self._SHOWN_SHARDS
         shards = f"{{{shown}}}" + (f" (+{more} more non-empty)" if more > 0 else "")
+        recovering = f"recovering={self.recovering}, " if self.recovering else ""
         return (
             f"BusStatistics(workers={self.workers}, queued={self.queued}, in_flight={self.in_flight}, "
             f"handled={self.handled}, retried={self.retried}, dead_lettered={self.dead_lettered}, "
             f"dropped={self.dropped}, evicted={self.evicted}, parked_keys={self.parked_keys}, "
-            f"lag={self.lag}, connected={self.connected}, busiest_shards={shards})"
+            f"lag={self.lag}, connected={self.connected}, {recovering}busiest_shards={shards})"
         )
 
     __str__ = __repr__
@@ -598,6 +602,7 @@ class Bus:
             worker_queue_depths=depths,
             lag=self._backend.lag(),
             evicted=self._backend.evicted(),
+            recovering=self._backend.recovering(),
         )
 
     async def _drain(self, drain_timeout: float) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -422,3 +423,86 @@ async def test_connecting_to_nothing_logs_one_line_and_says_how_many_attempts_fa
 
 def _refused(port: int) -> str:
     return f"ConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1', {port})"
+
+
+async def _handled_in_order(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture, operator_action: Any
+) -> tuple[list[bytes], list[str], keyedbus.BusStatistics]:
+    """Publish 1, let the operator act under the running subscription, publish 2 and 3; what was handled."""
+    seen, handler = _recorder()
+    caplog.set_level("INFO", logger="keyedbus")
+    with trio.fail_after(60):
+        async with keyedbus.open_bus(nats_server.url, drain_timeout=30) as bus:
+            await bus.subscribe("orders", handler)
+            await bus.publish("orders", b"1", key="k")
+            await wait_until_handled(bus)
+            await operator_action()
+            await bus.publish("orders", b"2", key="k")
+            await bus.publish("orders", b"3", key="k")
+            await wait_until_handled(bus)
+            stats = bus.statistics()
+            left = trio.current_time()
+        assert trio.current_time() - left < 10  # nothing unfinished: the drain does not wait drain_timeout
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    return [m.data for m in seen], logged, stats
+
+
+@pytest.mark.nats
+async def test_a_consumer_deleted_under_a_running_subscription_is_recreated_and_delivery_goes_on(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    durable = consumer_name("orders", "")
+
+    async def delete_consumer() -> None:
+        [done] = await foreign(
+            nats_server.url, {"op": "delete_consumer", "stream": stream_name("orders"), "name": durable}
+        )
+        assert done == {"ok": True}
+
+    handled, logged, stats = await _handled_in_order(nats_server, caplog, delete_consumer)
+    assert handled == [b"1", b"2", b"3"]  # nothing settled came back, nothing was skipped
+    assert stats.recovering == 0
+    assert stats.connected
+    assert [line for line in logged if durable in line] == [
+        f"{durable}: the JetStream consumer of group None on orders is gone (409 Consumer Deleted); "
+        "recreating it",
+        f"{durable}: recreated the consumer of group None on orders, delivering from stream sequence 2",
+    ]
+
+
+@pytest.mark.nats
+async def test_a_stream_deleted_under_a_running_subscription_is_recreated_and_publishes_recover(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def delete_stream() -> None:
+        [done] = await foreign(nats_server.url, {"op": "delete_stream", "name": stream_name("orders")})
+        assert done == {"ok": True}
+
+    handled, logged, stats = await _handled_in_order(nats_server, caplog, delete_stream)
+    assert handled == [b"1", b"2", b"3"]
+    assert stats.recovering == 0
+    durable = consumer_name("orders", "")
+    gone = [line for line in logged if "is gone" in line]
+    assert gone == [
+        f"{durable}: the JetStream consumer of group None on orders is gone (409 Consumer Deleted); "
+        "recreating it"
+    ]
+    assert any("recreated the consumer" in line for line in logged)
+
+
+@pytest.mark.nats
+async def test_a_server_restarted_with_an_empty_store_gets_its_stream_and_consumer_back(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def restart_empty() -> None:
+        nats_server.kill()
+        await trio.to_thread.run_sync(shutil.rmtree, nats_server.store)
+        await trio.to_thread.run_sync(nats_server.start)
+
+    handled, logged, stats = await _handled_in_order(nats_server, caplog, restart_empty)
+    assert handled == [b"1", b"2", b"3"]
+    assert stats.recovering == 0
+    assert stats.connected
+    assert len([line for line in logged if "is gone" in line]) == 1
+    [info] = await foreign(nats_server.url, {"op": "stream_info", "name": stream_name("orders")})
+    assert info["state"]["messages"] == 2  # 2 and 3, stored once each in the new stream

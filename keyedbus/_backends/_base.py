@@ -128,6 +128,10 @@ class Backend(Protocol):
         """Messages a limit (max_msgs, max_bytes, max_age, a bound) evicted before a group settled them."""
         ...
 
+    def recovering(self) -> int:
+        """Subscriptions whose broker-side consumer or stream vanished and is being recreated now."""
+        ...
+
     async def aclose(self) -> None:
         """Flush pending acks and close the connection; shielded and bounded, so safe in a finally."""
 

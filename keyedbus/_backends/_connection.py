@@ -124,6 +124,10 @@ class NatsConnection:
         self.publish_count += 1
         self.unsent += 1
 
+    def forget_published(self, topic: str) -> None:
+        """The topic's stream was replaced by an empty one: its old sequences mean nothing now."""
+        self._published.pop(topic, None)
+
     def published_seq(self, topic: str) -> int:
         """The highest stream sequence our own publishes to `topic` were stored at (0: none)."""
         return self._published.get(topic, 0)

@@ -21,6 +21,7 @@ __all__ = [
     "api_prefix",
     "check_version",
     "delivery_info",
+    "consumer_gone",
     "encoded_size",
     "is_data",
     "request_pull",
@@ -144,6 +145,22 @@ def delivery_info(msg: Any) -> tuple[int, int, int]:
         return int(tokens[5]), int(tokens[4]), int(tokens[8])
     meta = msg.metadata  # the form with domain and account hash: nats-py knows its layout
     return int(meta.sequence.stream), int(meta.num_delivered), int(meta.num_pending)
+
+
+def consumer_gone(msg: Any) -> str | None:
+    """Why a status reply on a pull inbox means the consumer (or its stream) no longer exists, else None.
+
+    409 "Consumer Deleted" ends a waiting pull request when the consumer or its stream is deleted; 503 (no
+    responders) answers a pull request for a consumer that does not exist (also after a server restart with
+    an empty store).
+    """
+    status = status_of(msg)
+    description = str(msg.headers.get("Description", "")).strip() if msg.headers else ""
+    if status == "503":
+        return "503: no consumer answers pull requests"
+    if status == "409" and "deleted" in description.lower():
+        return f"409 {description}"
+    return None
 
 
 def status_of(msg: Any) -> str:

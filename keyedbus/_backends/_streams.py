@@ -134,8 +134,10 @@ class StreamInfo:
 
     name: str
     subjects: tuple[str, ...]
-    #: True if keyedbus created it (or it has keyedbus's name): the only kind keyedbus recreates.
+    #: True if it has keyedbus's name (keyedbus created it, or would have).
     ours: bool
+    #: When the server created it: a stream deleted and created again under the same name differs here.
+    created: str = ""
 
     def filter_for(self, topic: str) -> str | None:
         """The consumer filter subject `topic` needs on this stream (None if the stream holds only it)."""
@@ -223,7 +225,9 @@ class Streams:
                 existing = await js.stream_info(stream_name(topic))
             else:
                 logger.info("created JetStream stream %s for topic %s", created.config.name, topic)
-                return StreamInfo(created.config.name, tuple(created.config.subjects or ()), True)
+                return StreamInfo(
+                    created.config.name, tuple(created.config.subjects or ()), True, str(created.created)
+                )
         current = existing.config
         ours = current.name == stream_name(topic)
         if not ours and not explicit:
@@ -254,7 +258,7 @@ class Streams:
                     _shown(new),
                     extra={"topic": topic},
                 )
-        return StreamInfo(current.name, tuple(current.subjects or ()), ours)
+        return StreamInfo(current.name, tuple(current.subjects or ()), ours, str(existing.created))
 
     async def aio_find(self, topic: str) -> Any:
         """The stream info of keyedbus's stream for `topic`, else of a stream capturing it, else None."""
@@ -270,15 +274,23 @@ class Streams:
         return await js.stream_info(name)
 
 
-def consumer_config(durable: str, config: TopicConfig, filter_subject: str | None) -> Any:
-    """The durable pull consumer keyedbus creates: explicit acks, deliver all, ack_wait from `config`."""
+def consumer_config(
+    durable: str, config: TopicConfig, filter_subject: str | None, start_seq: int | None = None
+) -> Any:
+    """The durable pull consumer keyedbus creates: explicit acks, deliver all (or from `start_seq`, when it
+    replaces one that vanished), ack_wait from `config`."""
     return nats.js.api.ConsumerConfig(
         name=durable,
         durable_name=durable,
         ack_policy=nats.js.api.AckPolicy.EXPLICIT,
         ack_wait=config.ack_wait,
         max_ack_pending=MAX_ACK_PENDING,
-        deliver_policy=nats.js.api.DeliverPolicy.ALL,
+        deliver_policy=(
+            nats.js.api.DeliverPolicy.ALL
+            if start_seq is None
+            else nats.js.api.DeliverPolicy.BY_START_SEQUENCE
+        ),
+        opt_start_seq=start_seq,
         filter_subject=filter_subject,
     )
 
@@ -318,6 +330,7 @@ async def open_consumer(
     config: TopicConfig,
     explicit: dict[str, Any],
     filter_subject: str | None,
+    start_seq: int | None = None,
 ) -> Any:
     """Create the durable consumer, or check and use the existing one; return its info (asyncio side).
 
@@ -330,7 +343,7 @@ async def open_consumer(
         info = None
     if info is None:
         try:
-            await js.add_consumer(stream, consumer_config(durable, config, filter_subject))
+            await js.add_consumer(stream, consumer_config(durable, config, filter_subject, start_seq))
         except nats.js.errors.BadRequestError as exc:
             # 10148/10013 and the like: created meanwhile by another process with other settings.
             logger.debug("%s: create failed (%s); using the existing consumer", durable, exc)

@@ -69,6 +69,13 @@ _FETCH_WAIT = 0.5
 _READ_BACK_CHUNK = 1024
 #: Seconds between reads of the consumer's ack floor while keys are held.
 _FLOOR_POLL = 0.5
+#: Seconds before the first and the longest between attempts to recreate a vanished consumer or stream.
+_RECOVER_FIRST = 0.25
+_RECOVER_MAX = 8.0
+
+
+class ConsumerGone(Exception):
+    """The durable consumer (or its stream) no longer exists on the server (raised on the asyncio side)."""
 
 
 @attrs.define(eq=False)
@@ -105,6 +112,7 @@ class PullSubscription:
         inbox: Inbox,
         *,
         stream: StreamInfo,
+        streams: Streams,
         on_detach: Callable[[PullSubscription], None],
         explicit: dict[str, Any] | None = None,
         durable: str | None = None,
@@ -115,6 +123,10 @@ class PullSubscription:
         self._on_detach = on_detach
         self._explicit = explicit or {}
         self.stream_info = stream
+        self._streams = streams
+        #: True while the consumer or its stream is missing and being recreated (statistics().recovering).
+        self.recovering = False
+        self._recover_wait = _RECOVER_FIRST
         self.topic = topic
         self.config = config
         self.inbox = inbox
@@ -216,6 +228,9 @@ class PullSubscription:
                 continue
             try:
                 raw = await trio_asyncio.aio_as_trio(self.puller.take)()
+            except ConsumerGone as gone:
+                await self._recover(str(gone))
+                continue
             except Exception as exc:  # the connection is down or the server restarts: nats-py reconnects
                 logger.warning("%s: fetch failed (%s: %s); retrying", self.durable, type(exc).__name__, exc)
                 await trio.sleep(_FETCH_WAIT)
@@ -225,6 +240,68 @@ class PullSubscription:
                 return  # fetched after stop(): outstanding, so detach or close hands it back
             if batch:
                 await self.inbox.deliver(batch)
+
+    async def _recover(self, why: str) -> None:
+        """Recreate the vanished consumer (and stream) after a backoff; log once per incident.
+
+        On the same stream the new consumer starts at the oldest message this process has not settled, so
+        nothing settled is delivered again. A stream that came back empty (deleted, or a server restarted
+        with an empty store) starts from its beginning; what this process still holds of the old stream is
+        handled, and its acks go nowhere.
+        """
+        if not self.recovering:
+            self.recovering = True
+            logger.warning(
+                "%s: the JetStream consumer of group %r on %s is gone (%s); recreating it",
+                self.durable,
+                self.group or None,
+                self.topic,
+                why,
+                extra={"topic": self.topic},
+            )
+        await trio.sleep(self._recover_wait)
+        self._recover_wait = min(self._recover_wait * 2, _RECOVER_MAX)
+        resume = min(self.outstanding, default=self.last_seen + 1)
+        try:
+            self._streams.forget(self.topic)
+            stream = await self._streams.ensure(self.topic, self.config)
+            # Not the stream we read (deleted and created again, or a server with an empty store): start
+            # from its beginning; on the same stream, from the oldest message this process has not settled.
+            fresh = stream.created != self.stream_info.created
+            start = None if fresh or resume <= 1 else resume
+            info = await trio_asyncio.aio_as_trio(self.puller.recreate)(
+                stream.name, self.topic, self.config, self._explicit, stream.filter_for(self.topic), start
+            )
+        except Exception as exc:
+            logger.debug(
+                "%s: recreating failed (%s: %s); trying again", self.durable, type(exc).__name__, exc
+            )
+            return
+        self.stream_info, self.stream = stream, stream.name
+        lost = [d.seq for d in self.outstanding.values()]
+        if fresh:
+            for delivery in self.outstanding.values():
+                delivery.settled = True  # its stream is gone: nothing to ack
+            self.outstanding.clear()
+            self.held.clear()
+            self.owed.clear()
+            self.owed_by_key.clear()
+            self.conn.forget_published(self.topic)
+            self.last_seen = 0
+            self.lag = 0
+        logger.warning(
+            "%s: recreated the consumer of group %r on %s%s",
+            self.durable,
+            self.group or None,
+            self.topic,
+            f" on a new, empty stream ({len(lost)} message(s) in hand are handled, nothing to ack)"
+            if fresh
+            else f", delivering from stream sequence {resume}",
+            extra={"topic": self.topic},
+        )
+        self.last_seen = max(self.last_seen, info.delivered.stream_seq if info.delivered else 0)
+        self.recovering = False
+        self._recover_wait = _RECOVER_FIRST
 
     def _drained_far_enough(self) -> bool:
         """While draining: everything published before the drain began has been fetched."""
@@ -416,9 +493,33 @@ class _Puller:
             if _natspy.is_data(m):
                 messages.append(m)
                 self._open -= 1
-            elif _natspy.status_of(m) != "100":  # 404 no messages, 408 expired, 409 and the like: over
+                continue
+            gone = _natspy.consumer_gone(m)
+            if gone is not None:
+                self._open = 0
+                if not messages:
+                    raise ConsumerGone(gone)
+                return messages  # the next pull request gets the same answer
+            if _natspy.status_of(m) != "100":  # 404 no messages, 408 expired, 409 and the like: over
                 self._open = 0
         return messages
+
+    async def recreate(
+        self,
+        stream: str,
+        topic: str,
+        config: TopicConfig,
+        explicit: dict[str, Any],
+        filter_subject: str | None,
+        start: int | None,
+    ) -> Any:
+        """Recreate a vanished consumer on `stream`, delivering from `start` (all if None); return its
+        info (asyncio side)."""
+        self._stream = stream
+        self._open = 0
+        return await open_consumer(
+            self._js, self._stream, self._durable, topic, config, explicit, filter_subject, start
+        )
 
     async def close(self) -> list[Any]:
         """Unsubscribe; return messages that arrived for a request after the last take (to hand back)."""

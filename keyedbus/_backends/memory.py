@@ -530,6 +530,10 @@ class MemoryBackend:
         """Messages evicted by a limit before every group had settled them (or with no group), in total."""
         return self._evictions.total
 
+    def recovering(self) -> int:
+        """Always 0: the embedded broker lives and dies with the bus, nobody can delete its topics."""
+        return 0
+
     def _publish_now(self, t: _Topic, out: Outgoing) -> None:
         data, headers, message_id = out.data, out.headers, out.message_id
         now = trio.current_time()

@@ -122,14 +122,29 @@ class NatsBackend:
             # Core NATS: "sent" means handed to the connection, as in nats-py; the pump sends it in a batch.
             await self._conn.queue_publish(self._request(out, None))
             return
-        request = self._request(out, trio.Event())
-        await self._streams.ensure(out.topic, out.config)
-        await self._conn.queue_publish(request)
-        assert request.done is not None
-        await request.done.wait()
-        if request.error is not None:
+        for attempt in (1, 2):
+            request = self._request(out, trio.Event())
+            await self._streams.ensure(out.topic, out.config)
+            await self._conn.queue_publish(request)
+            assert request.done is not None
+            await request.done.wait()
+            error = request.error
+            if error is None:
+                return
+            if attempt == 1 and isinstance(error.__cause__, nats.js.errors.NoStreamResponseError):
+                # No stream captures the subject any more: deleted, or a server restarted with an empty
+                # store. Create it again (what exists is looked up first) and publish once more: safe, as
+                # the message id deduplicates.
+                logger.warning(
+                    "topic %s has no JetStream stream any more (deleted, or the server lost its store); "
+                    "creating it again",
+                    out.topic,
+                    extra={"topic": out.topic},
+                )
+                self._streams.forget(out.topic)
+                continue
             # Raised in the pump's task; raised again here with the same cause.
-            raise request.error from request.error.__cause__
+            raise error from error.__cause__
 
     def publish_nowait(self, out: Outgoing) -> None:
         if out.config.persistent:
@@ -175,6 +190,7 @@ class NatsBackend:
                 group,
                 inbox,
                 stream=stream,
+                streams=self._streams,
                 on_detach=self.forget,
                 explicit=self._explicit.get(topic),
             )
@@ -239,6 +255,10 @@ class NatsBackend:
 
     def lag(self) -> int:
         return sum(sub.lag for sub in self._pull_subs)
+
+    def recovering(self) -> int:
+        """Subscriptions whose JetStream consumer or stream vanished and is being recreated now."""
+        return sum(sub.recovering for sub in self._pull_subs)
 
     def evicted(self) -> int:
         return 0  # JetStream's evictions are not counted yet
