@@ -5,8 +5,8 @@
 Runs the operations in order and prints one JSON line per result. Operations ("op"):
 publish (JetStream publish, returns the stored sequence or the error), core_publish, add_stream,
 update_stream, stream_info, delete_stream, add_consumer, consumer_info, delete_consumer, get_msg, and
-edit_stream, edit_consumer (change the settings in "set", keep the rest), read_core
-(subscribe to a subject, print {"ready": true}, then collect `count` messages).
+pull (read a durable consumer for "seconds"), edit_stream, edit_consumer (change the settings in "set",
+keep the rest), read_core (subscribe to a subject, print {"ready": true}, then collect `count` messages).
 Data is given as text ("data") or base64 ("data_b64"); errors are returned as {"error": ..., "code": ...}.
 It stands in for a Go or JavaScript client or an operator's `nats` command line.
 """
@@ -73,6 +73,19 @@ async def _run(nc: Any, op: dict[str, Any]) -> Any:
     if kind == "get_msg":
         msg = await js.get_msg(op["stream"], op["seq"])
         return {"data_b64": base64.b64encode(msg.data or b"").decode(), "headers": msg.headers or {}}
+    if kind == "pull":  # another reader of a group: fetch from its durable consumer, ack what it gets
+        psub = await js.pull_subscribe_bind(durable=op["durable"], stream=op["stream"])
+        print(json.dumps({"ready": True}), flush=True)
+        got = 0
+        deadline = asyncio.get_running_loop().time() + op["seconds"]
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                for msg in await psub.fetch(1, timeout=1):
+                    await msg.ack()
+                    got += 1
+            except nats.errors.TimeoutError:
+                pass
+        return {"fetched": got}
     if kind == "read_core":
         sub = await nc.subscribe(op["subject"])
         await nc.flush()

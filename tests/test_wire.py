@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+import attrs
 import pytest
 import trio
 
@@ -506,3 +507,78 @@ async def test_a_server_restarted_with_an_empty_store_gets_its_stream_and_consum
     assert len([line for line in logged if "is gone" in line]) == 1
     [info] = await foreign(nats_server.url, {"op": "stream_info", "name": stream_name("orders")})
     assert info["state"]["messages"] == 2  # 2 and 3, stored once each in the new stream
+
+
+@pytest.mark.not_on("nats-core", reason="core NATS stores nothing: there is nothing to evict")
+async def test_messages_a_user_limit_evicted_before_the_group_got_them_are_counted_and_logged(
+    backend: Backend, clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen, handler = _recorder()
+    with trio.fail_after(60):
+        async with backend.open() as bus:
+            await bus.configure_topic("orders", attrs.evolve(backend.default_topic, max_msgs=5))
+            sub = await bus.subscribe("orders", handler, group="billing")
+            await sub.unsubscribe()
+            for i in range(10):  # every publish returns
+                await bus.publish("orders", str(i).encode(), key="k")
+            await bus.subscribe("orders", handler, group="billing")
+            await wait_until_handled(bus)
+            assert bus.statistics().evicted == 5
+    assert [m.data for m in seen] == [str(i).encode() for i in range(5, 10)]
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evicted ")]
+    assert logged
+    assert all(line.startswith("evicted ") and " of topic orders " in line for line in logged)
+    assert sum(int(line.split()[1]) for line in logged) == 5
+
+
+async def test_with_default_limits_nothing_a_group_has_not_settled_is_evicted(
+    backend: Backend, clock: object
+) -> None:
+    seen, handler = _recorder()
+    with trio.fail_after(60):
+        async with backend.open() as bus:
+            sub = await bus.subscribe("orders", handler, group="billing")
+            await sub.unsubscribe()
+            for i in range(50):
+                await bus.publish("orders", str(i).encode(), key="k")
+            await bus.subscribe("orders", handler, group="billing")
+            await wait_until_handled(bus)
+            assert bus.statistics().evicted == 0
+    if backend.name != "nats-core":  # at-most-once: nobody was subscribed to take them
+        assert [m.data for m in seen] == [str(i).encode() for i in range(50)]
+
+
+@pytest.mark.nats
+async def test_a_new_group_on_a_stream_that_already_evicted_counts_nothing(nats_server: NatsServer) -> None:
+    seen, handler = _recorder()
+    with trio.fail_after(60):
+        async with keyedbus.open_bus(nats_server.url) as bus:
+            await bus.configure_topic("orders", keyedbus.TopicConfig(max_msgs=5))
+            for i in range(10):
+                await bus.publish("orders", str(i).encode(), key="k")
+            await bus.subscribe("orders", handler, group="late")  # the group did not exist: nothing owed
+            await wait_until_handled(bus)
+            assert bus.statistics().evicted == 0
+    assert [m.data for m in seen] == [str(i).encode() for i in range(5, 10)]
+
+
+@pytest.mark.nats
+async def test_a_second_reader_of_a_group_that_comes_later_is_warned_about_once(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, handler = _recorder()
+    durable = consumer_name("orders", "billing")
+    op = {"op": "pull", "stream": stream_name("orders"), "durable": durable, "seconds": 12}
+    with trio.fail_after(60):
+        async with keyedbus.open_bus(nats_server.url, drain_timeout=5) as bus, trio.open_nursery() as nursery:
+            await bus.subscribe("orders", handler, group="billing")
+            nursery.start_soon(foreign, nats_server.url, op)  # a second process reading the same group
+            while not [r for r in caplog.records if "another process" in r.getMessage()]:  # noqa: ASYNC110
+                await trio.sleep(0.1)  # the warning comes from the bus's own periodic check
+            nursery.cancel_scope.cancel()
+    warnings = [r.getMessage() for r in caplog.records if "another process" in r.getMessage()]
+    assert warnings == [
+        f"{durable}: another process is reading group 'billing' of orders now (1 pull request(s) waiting on "
+        "its consumer that are not this one's); key order holds only within one process: stop the other "
+        "process, or subscribe it with another group"
+    ]

@@ -85,6 +85,8 @@ class NatsConnection:
         #: Publishes handed to the pump and not yet written to the connection (the drain waits for them).
         self.unsent = 0
         self.closing = False
+        #: Stored messages removed (limits, deletions) before a subscribed group got them.
+        self.evicted = 0
         #: Called with a subscription's sid when nats-py dropped a message for it (slow consumer).
         self.on_slow_consumer: Callable[[int], None] = self._log_slow_consumer
 

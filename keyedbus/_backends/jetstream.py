@@ -72,6 +72,10 @@ _FLOOR_POLL = 0.5
 #: Seconds before the first and the longest between attempts to recreate a vanished consumer or stream.
 _RECOVER_FIRST = 0.25
 _RECOVER_MAX = 8.0
+#: Seconds between checks for another process reading the same group (consumer info: waiting pulls).
+_WATCH_INTERVAL = 3.0
+#: Seconds between two eviction warnings of one subscription; each covers everything since the last.
+_EVICTION_LOG_INTERVAL = 10.0
 
 
 class ConsumerGone(Exception):
@@ -150,6 +154,9 @@ class PullSubscription:
         self._scope = trio.CancelScope()
         self._stopped = trio.Event()
         self._next_floor_poll = 0.0
+        self._warned_second_reader = False
+        self._evicted_unlogged = 0
+        self._evicted_logged_at = -_EVICTION_LOG_INTERVAL
 
     # -- starting ---------------------------------------------------------------------------------------
 
@@ -161,19 +168,65 @@ class PullSubscription:
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         delivered = info.delivered.stream_seq if info.delivered else 0
         if info.num_waiting:
-            # Pull requests waiting on the consumer: another process is reading this group right now.
-            logger.warning(
-                "%s: another consumer is reading group %r of %s now; key order holds within one process, so "
-                "run one process per (topic, group) at a time",
-                self.durable,
-                self.group or None,
-                self.topic,
-                extra={"topic": self.topic},
-            )
+            # Pull requests waiting on the consumer before we sent any: another process reads this group.
+            self._warn_second_reader(info.num_waiting)
         self.last_seen = delivered
         if info.num_ack_pending:
             await self._learn_owed(floor, delivered)
         await nursery.start(self._run)
+
+    def _warn_second_reader(self, waiting: int) -> None:
+        if self._warned_second_reader:
+            return
+        self._warned_second_reader = True
+        logger.warning(
+            "%s: another process is reading group %r of %s now (%d pull request(s) waiting on its consumer "
+            "that are not this one's); key order holds only within one process: stop the other process, or "
+            "subscribe it with another group",
+            self.durable,
+            self.group or None,
+            self.topic,
+            waiting,
+            extra={"topic": self.topic},
+        )
+
+    async def _watch(self) -> None:
+        """Check now and then whether another process reads this group (warned once)."""
+        while not self._warned_second_reader:
+            await trio.sleep(_WATCH_INTERVAL)
+            if self.recovering:
+                continue
+            try:
+                info = await trio_asyncio.aio_as_trio(self.conn.js.consumer_info)(self.stream, self.durable)
+            except Exception as exc:
+                logger.debug("%s: consumer_info failed: %s", self.durable, exc)
+                continue
+            # This subscription has at most one pull request waiting; more are someone else's.
+            if info.num_waiting > 1:
+                self._warn_second_reader(info.num_waiting - 1)
+
+    def _evicted(self, count: int) -> None:
+        """`count` messages of the stream were gone before this group got them: count, log (coalesced)."""
+        self.conn.evicted += count
+        self._evicted_unlogged += count
+        now = trio.current_time()
+        if now >= self._evicted_logged_at + _EVICTION_LOG_INTERVAL:
+            self.log_evictions(now)
+
+    def log_evictions(self, now: float | None = None) -> None:
+        """Log the evictions not logged yet (also called when the subscription ends)."""
+        if not self._evicted_unlogged:
+            return
+        logger.warning(
+            "evicted %d message(s) of topic %s before group %r got them: a stream limit (max_msgs, "
+            "max_bytes, max_age) or a deletion removed them",
+            self._evicted_unlogged,
+            self.topic,
+            self.group or None,
+            extra={"topic": self.topic, "count": self._evicted_unlogged},
+        )
+        self._evicted_unlogged = 0
+        self._evicted_logged_at = trio.current_time() if now is None else now
 
     async def _learn_owed(self, floor: int, delivered: int) -> None:
         if delivered - floor > MAX_ACK_PENDING:
@@ -211,6 +264,7 @@ class PullSubscription:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._heartbeat)
+                    nursery.start_soon(self._watch)
                     task_status.started()
                     await self._read()
                     nursery.cancel_scope.cancel()
@@ -315,6 +369,10 @@ class PullSubscription:
         for m in raw:
             seq, delivered, pending = _natspy.delivery_info(m)
             if seq > self.last_seen:
+                if seq > self.last_seen + 1 and self.stream_info.filter_for(self.topic) is None:
+                    # The consumer skipped sequences of a stream holding only this topic: they were removed
+                    # before this group got them. (On a shared stream other subjects fill the gaps.)
+                    self._evicted(seq - self.last_seen - 1)
                 self.last_seen = seq
                 self.lag = pending
             current = self.outstanding.get(seq)
@@ -415,6 +473,7 @@ class PullSubscription:
         Unsubscribing first matters: a nak'd message must not land in a pull request of this subscription.
         """
         self._on_detach(self)
+        self.log_evictions()
         try:
             await trio_asyncio.aio_as_trio(self.puller.close)()
         except Exception as exc:  # the connection may be gone; the server forgets the interest then too

@@ -261,7 +261,8 @@ class NatsBackend:
         return sum(sub.recovering for sub in self._pull_subs)
 
     def evicted(self) -> int:
-        return 0  # JetStream's evictions are not counted yet
+        """Stored messages a subscription found removed (limits, deletions) before its group got them."""
+        return self._conn.evicted
 
     # -- inspection (the command line) -------------------------------------------------------------------
 
