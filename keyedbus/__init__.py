@@ -6,8 +6,6 @@ Messages with the same key are handled strictly in publish order; different keys
 import logging as _logging
 
 from ._bus import Bus as Bus
-from ._bus import BusStatistics as BusStatistics
-from ._bus import Subscription as Subscription
 from ._bus import open_bus as open_bus
 from ._config import PoolConfig as PoolConfig
 from ._config import RetryPolicy as RetryPolicy
@@ -31,6 +29,8 @@ from ._errors import TopicFullError as TopicFullError
 from ._errors import UnsupportedEventLoopError as UnsupportedEventLoopError
 from ._messages import Envelope as Envelope
 from ._messages import Message as Message
+from ._statistics import BusStatistics as BusStatistics
+from ._subscription import Subscription as Subscription
 
 __version__ = "0.1.0"
 

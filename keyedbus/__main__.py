@@ -307,10 +307,10 @@ async def _tail(bus: Bus, args: argparse.Namespace) -> int:
 
     subscription = await bus.subscribe(args.topic, on_message, group=args.group)
     if args.group is None:
-        print(f"tailing {args.topic} on {bus._url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        print(f"tailing {args.topic} on {bus.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     else:
         print(
-            f"tailing {args.topic} on {bus._url} as group {args.group}: consuming, each message is acked and "
+            f"tailing {args.topic} on {bus.url} as group {args.group}: consuming, each message is acked and "
             f"group {args.group} will not get it again (Ctrl-C to stop)",
             file=sys.stderr,
             flush=True,
@@ -330,7 +330,7 @@ _SHOWN_GROUPS = 10
 
 
 async def _stats(bus: Bus, args: argparse.Namespace) -> int:
-    backend: Any = bus._backend
+    backend = bus.admin
     state = await backend.topic_state(args.topic)
     if args.json:
         print(json.dumps(state))
@@ -356,7 +356,7 @@ async def _stats(bus: Bus, args: argparse.Namespace) -> int:
 
 
 async def _groups(bus: Bus, args: argparse.Namespace) -> int:
-    backend: Any = bus._backend
+    backend = bus.admin
     if args.delete is not None:
         if not await backend.delete_group(args.topic, args.delete):
             print(f"keyedbus: error: topic {args.topic} has no group {args.delete}", file=sys.stderr)
@@ -375,7 +375,7 @@ async def _groups(bus: Bus, args: argparse.Namespace) -> int:
 
 async def _dead_letters(bus: Bus, args: argparse.Namespace) -> int:
     source = args.dead_letter_topic or f"{args.topic}.dead-letter"
-    backend: Any = bus._backend
+    backend = bus.admin
     try:
         letters = await backend.stored(source)
     except KeyedBusError:
@@ -427,12 +427,12 @@ async def _check(args: argparse.Namespace) -> int:
         with trio.move_on_after(10):
             await got.wait()
         if not got.is_set():
-            print(f"keyedbus: error: connected to {bus._url} but the test message did not come back in 10 s")
+            print(f"keyedbus: error: connected to {bus.url} but the test message did not come back in 10 s")
             return 1
         round_trip = time.perf_counter() - sent
-        backend: Any = bus._backend
-        jetstream = "built in (memory://)" if url.startswith("memory") else await backend.jetstream_info()
-        print(f"connected to {bus._url} in {connected * 1000:.1f} ms")
+        backend = bus.admin
+        jetstream = await backend.jetstream_info()
+        print(f"connected to {bus.url} in {connected * 1000:.1f} ms")
         print(f"round trip (publish -> handler): {round_trip * 1000:.2f} ms")
         print(f"JetStream: {jetstream}")
     return 0

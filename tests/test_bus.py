@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 import keyedbus
+import keyedbus._statistics
 from keyedbus._pool import KeyedWorkerPool, fnv1a_32
 from keyedbus.testing import wait_until_handled
 
@@ -30,7 +31,7 @@ def test_fnv1a_32_known_vectors(key: str, expected: int) -> None:
 
 
 def test_a_key_always_maps_to_the_same_worker() -> None:
-    pool = KeyedWorkerPool(keyedbus.PoolConfig(workers=256), keyedbus._pool.Counters())
+    pool = KeyedWorkerPool(keyedbus.PoolConfig(workers=256), keyedbus._statistics.Counters())
     assert pool.worker_for("order-123") == fnv1a_32("order-123") % 256
     assert len({pool.worker_for(f"order-{i}") for i in range(10_000)}) == 256
 

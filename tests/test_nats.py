@@ -13,6 +13,7 @@ import trio
 import trio_asyncio
 
 import keyedbus
+import keyedbus._consumer
 from keyedbus import Envelope
 from keyedbus.testing import NatsServer, free_port
 
@@ -37,7 +38,7 @@ async def test_publish_and_consume_on_both_persistences(nats_server: NatsServer)
     got: dict[str, list[bytes]] = {"ephemeral": [], "persistent": []}
     both = trio.Event()
 
-    def make(kind: str) -> keyedbus._bus.Handler[keyedbus.Message]:
+    def make(kind: str) -> keyedbus._consumer.Handler[keyedbus.Message]:
         async def handler(msg: keyedbus.Message) -> None:
             got[kind].append(msg.data)
             if all(len(v) == 20 for v in got.values()):

@@ -61,17 +61,19 @@ class AtMostOnceDelivery:
 
 
 class Inbox(Protocol):
-    """Where a backend subscription hands its deliveries: the bus's side of one subscription."""
+    """Where a backend's subscription task hands its deliveries: the bus's side of one subscription.
+
+    Every backend runs one subscription task per subscription (memory:// included); only that task calls
+    `deliver`, never a publisher's task.
+    """
 
     async def deliver(self, batch: Sequence[Delivery]) -> None:
-        """Queue every delivery of `batch` in the pool, waiting for room (backpressure).
+        """Build each delivery's AggregateMessage and send it into its worker's queue, waiting for room.
 
-        If cancelled, a prefix of `batch` has been queued and the rest must be treated as never delivered.
+        Backpressure: it returns once every delivery is queued (or, ephemeral, dropped and counted after
+        `wait_timeout`). If cancelled, a prefix of `batch` was queued and the rest was handed back: released
+        (persistent: left unsettled, for the broker to deliver again) or counted as dropped (ephemeral).
         """
-
-    def deliver_nowait(self, delivery: Delivery) -> bool:
-        """Queue one delivery if there is room now; False (nothing queued) if `deliver` must be used."""
-        ...
 
     def dropped(self, count: int, why: str) -> None:
         """Record `count` ephemeral messages that were dropped (at-most-once topics only)."""

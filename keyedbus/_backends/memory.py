@@ -9,6 +9,13 @@ oldest messages, as JetStream's ``discard: old`` does; a topic no group has subs
 UNREAD_MAX_MSGS / UNREAD_MAX_BYTES and evicts the oldest beyond; every eviction of a message some group had
 not settled is counted and logged. Without user limits nothing a group has not settled is evicted: at
 DEFAULT_MAX_MSGS a publish waits while a subscriber can make room, else raises TopicFullError.
+
+A publish only stores (appends to the log, or puts into each ephemeral subscriber's buffer) and wakes the
+subscription's task. That task takes what was stored in batches and hands them to the bus (`Inbox.deliver`:
+decoding, keys and the wait for room in the worker queues happen there, never in the publisher's task).
+A subscription's task runs while it has something to take and exits when it has taken everything; the
+next publish starts it again. So an idle subscription costs no task: a thousand quiet topics cost no more
+tasks than one (flat cost, guarantee 4).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -55,6 +62,7 @@ _EVICTION_LOG_INTERVAL = 10.0
 #: Seconds during which a message id seen before is not stored again (JetStream's default window).
 DEDUP_WINDOW = 120.0
 _BATCH = 256
+_PUBLISHES_PER_YIELD = 16
 
 
 @attrs.define(eq=False)
@@ -277,11 +285,9 @@ class _Group:
         "inbox",
         "name",
         "outstanding",
-        "reader_done",
-        "reader_scope",
         "redeliver",
-        "start_reader",
         "subscribed",
+        "task",
         "topic",
     )
 
@@ -290,18 +296,15 @@ class _Group:
         self.name = name
         self.cursor = topic.first_seq  # a new group starts at the oldest retained message
         self.floor = topic.first_seq  # every seq below it is acked
-        self.acked: set[int] = set()
+        #: Acked above the floor (settled out of order); None while there are none: an idle group is small.
+        self.acked: set[int] | None = None
         self.outstanding: dict[int, int] = {}  # delivered, not settled: seq -> deliveries so far
         #: Sequences to deliver again, the next one last (a list: an empty deque costs 760 bytes a group).
         self.redeliver: list[int] = []
         self.generation = 0
         self.subscribed = False
         self.inbox: Inbox | None = None  # set while subscribed and not stopped
-        self.start_reader: Callable[[_Group], None] | None = None
-        # A reader task runs only while the group has more than the pool takes at once: an idle
-        # subscription costs no task (flat cost with many topics).
-        self.reader_scope: trio.CancelScope | None = None
-        self.reader_done: trio.Event | None = None
+        self.task: _SubscriptionTask | None = None  # while subscribed
 
     def settled(self) -> bool:
         return not self.outstanding and not self.redeliver and self.cursor >= self.topic.next_seq
@@ -313,7 +316,11 @@ class _Group:
         """
         if seq >= self.cursor:
             return True
-        return seq >= self.floor and seq not in self.acked and seq not in self.outstanding
+        return (
+            seq >= self.floor
+            and (self.acked is None or seq not in self.acked)
+            and seq not in self.outstanding
+        )
 
     def skip_to(self, first: int) -> None:
         """Forget messages evicted from the log (limits, max_age)."""
@@ -321,7 +328,8 @@ class _Group:
             return  # nothing of this group's was below `first`
         self.cursor = max(self.cursor, first)
         self.floor = max(self.floor, first)
-        self.acked = {s for s in self.acked if s >= first}
+        if self.acked is not None:
+            self.acked = {s for s in self.acked if s >= first} or None
         self.outstanding = {s: n for s, n in self.outstanding.items() if s >= first}
         self.redeliver = [s for s in self.redeliver if s >= first]
 
@@ -352,41 +360,28 @@ class _Group:
         return bool(self.redeliver) or self.cursor < self.topic.next_seq
 
     def wake(self) -> None:
-        """There may be something to deliver: put it straight into the pool, or start a reader for it."""
-        if self.inbox is None or self.reader_scope is not None:
-            return
-        for _ in range(_BATCH):  # bounded: a long backlog is the reader's job, with checkpoints
-            if not self.has_backlog():
-                return
-            [delivery] = self.take(1)
-            if not self.inbox.deliver_nowait(delivery):
-                self.untake(delivery)
-                break
-        if self.has_backlog() and self.start_reader is not None:
-            self.start_reader(self)
-
-    def untake(self, delivery: _Delivery) -> None:
-        """Undo the take of a delivery that was not queued: it is delivered again, first."""
-        count = self.outstanding.pop(delivery.seq)
-        if count > 1:
-            self.outstanding[delivery.seq] = count - 1
-        if delivery.seq == self.cursor - 1 and count == 1:
-            self.cursor -= 1
-        else:
-            self.redeliver.append(delivery.seq)
+        """There may be something to deliver: wake the subscription task (the publisher runs nothing else)."""
+        if self.task is not None:
+            self.task.wake()
 
     def settle(self, delivery: _Delivery) -> None:
         seq = delivery.seq
         if delivery.generation != self.generation or seq not in self.outstanding:
             return  # stale: handed back to the group by a detach, or expired
         del self.outstanding[seq]
-        self.acked.add(seq)
-        advanced = False
-        while self.floor in self.acked:
-            self.acked.remove(self.floor)
+        if seq != self.floor:
+            if self.acked is None:
+                self.acked = set()
+            self.acked.add(seq)
+        else:
             self.floor += 1
-            advanced = True
-        if advanced:
+            acked = self.acked
+            if acked is not None:
+                while self.floor in acked:
+                    acked.remove(self.floor)
+                    self.floor += 1
+                if not acked:
+                    self.acked = None
             self.topic.trim(trio.current_time())
         if self.topic.changed:
             self.topic.changed.unpark_all()
@@ -401,44 +396,136 @@ class _Group:
         if self.topic.room:
             self.topic.room.unpark_all()  # publishers waiting for this group to make room must give up
 
+    async def deliver(self) -> None:
+        """The subscription task's body: hand the group's messages to its inbox in batches until none is left.
+
+        Taken messages stay outstanding until settled: if cancelled mid-batch, what was not queued is handed
+        back by `detach`, in log order.
+        """
+        while self.inbox is not None:
+            batch = self.take(_BATCH)
+            if not batch:
+                return
+            await self.inbox.deliver(batch)
+
+
+class _SubscriptionTask:
+    """A subscription's task: runs `body` while there is something to take; woken (started) by publishes."""
+
+    # Slots, and nothing allocated while idle: one of these exists per subscription (flat cost).
+    __slots__ = ("body", "done", "nursery", "scope", "stopped", "topic")
+
+    def __init__(self, nursery: trio.Nursery, body: Callable[[], Awaitable[None]], topic: str) -> None:
+        self.nursery = nursery
+        self.body = body
+        self.topic = topic
+        self.scope: trio.CancelScope | None = None  # while the task runs
+        self.done: trio.Event | None = None  # while the task runs
+        self.stopped = False
+
+    def wake(self) -> None:
+        """There may be something to take: start the task unless it runs (it re-checks before it exits)."""
+        if self.scope is None and not self.stopped:
+            self.scope = trio.CancelScope()
+            self.done = trio.Event()
+            self.nursery.start_soon(self._run, name=f"keyedbus-subscription-{self.topic}")
+
+    async def _run(self) -> None:
+        assert self.scope is not None
+        assert self.done is not None
+        done = self.done
+        try:
+            with self.scope:
+                await self.body()
+        finally:
+            # No checkpoint between the body finding nothing left and this: no publish is missed.
+            self.scope = None
+            self.done = None
+            done.set()
+
+    async def stop(self) -> None:
+        """Stop for good: cancel the task if it runs and wait until it has exited."""
+        self.stopped = True
+        if self.scope is not None and self.done is not None:
+            self.scope.cancel()
+            await self.done.wait()
+        await trio.lowlevel.checkpoint()
+
 
 class _PersistentSubscription:
-    def __init__(self, group: _Group) -> None:
+    __slots__ = ("group", "task")
+
+    def __init__(self, group: _Group, task: _SubscriptionTask) -> None:
         self.group = group
+        self.task = task
 
     async def stop(self) -> None:
         group = self.group
         group.inbox = None
         if group.topic.room:
             group.topic.room.unpark_all()  # publishers waiting for this group to make room must give up
-        if group.reader_scope is not None and group.reader_done is not None:
-            group.reader_scope.cancel()
-            await group.reader_done.wait()
-        await trio.lowlevel.checkpoint()
+        await self.task.stop()
 
     async def detach(self) -> None:
+        self.group.task = None
         self.group.detach()
         await trio.lowlevel.checkpoint()
 
 
 class _EphemeralSubscription:
-    def __init__(self, topic: _Topic, inbox: Inbox, size: int) -> None:
+    def __init__(self, topic: _Topic, inbox: Inbox, size: int, nursery: trio.Nursery) -> None:
         self.topic = topic
         self.inbox = inbox
         self.active = True
         self.send, self.receive = trio.open_memory_channel[Message](size)
-        self.scope: trio.CancelScope | None = None  # while a reader task runs
-        self.done = trio.Event()
+        self.in_hand = 0  # taken from the buffer by the subscription task, not yet queued
+        self.task = _SubscriptionTask(nursery, self._deliver, topic.name)
 
     def settled(self) -> bool:
-        return self.scope is None and self.receive.statistics().current_buffer_used == 0
+        return not self.in_hand and self.receive.statistics().current_buffer_used == 0
+
+    def offer(self, message: Message) -> None:
+        """Store `message` in the buffer and wake the task (the publisher's side): full, it is dropped."""
+        if not self.active:
+            return
+        try:
+            self.send.send_nowait(message)
+        except trio.WouldBlock:
+            self.inbox.dropped(1, f"subscriber buffer of {self.topic.name!r} is full")
+            return
+        self.task.wake()
+
+    async def _deliver(self) -> None:
+        """The subscription task's body: hand what waits in the buffer to the inbox, in batches."""
+        changed = self.topic.changed
+        while True:
+            batch: list[AtMostOnceDelivery] = []
+            while len(batch) < _BATCH:
+                try:
+                    batch.append(AtMostOnceDelivery(self.receive.receive_nowait()))
+                except trio.WouldBlock:
+                    break
+            if not batch:
+                return
+            self.in_hand = len(batch)
+            try:
+                await self.inbox.deliver(batch)  # if cancelled, it counts the rest as dropped
+            finally:
+                self.in_hand = 0
+                if changed:
+                    changed.unpark_all()
 
     async def stop(self) -> None:
         self.active = False
-        if self.scope is not None:
-            self.scope.cancel()
-            await self.done.wait()
-        await trio.lowlevel.checkpoint()
+        await self.task.stop()
+        left = self.receive.statistics().current_buffer_used
+        if left:
+            self.inbox.dropped(left, "its subscription stopped before they were delivered")
+            while True:
+                try:
+                    self.receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
 
     async def detach(self) -> None:
         if self in self.topic.ephemeral_subs:
@@ -458,6 +545,7 @@ class MemoryBackend:
         self._topics: dict[str, _Topic] = {}
         self._changed = trio.lowlevel.ParkingLot()
         self._evictions = _Evictions()
+        self._since_yield = 0
 
     @property
     def connected(self) -> bool:
@@ -506,8 +594,15 @@ class MemoryBackend:
                 self._full(t)
                 await t.room.park()
         else:
-            # Every trio async call is a checkpoint: a burst of publishes must let the consumers run.
-            await trio.lowlevel.checkpoint()
+            # A cancellation point every time, a schedule point every few publishes: a burst must let the
+            # subscription tasks run, and they take what accumulated in one batch, not one task switch
+            # per message.
+            self._since_yield += 1
+            if self._since_yield >= _PUBLISHES_PER_YIELD:
+                self._since_yield = 0
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
         self._publish_now(t, out)
 
     def publish_nowait(self, out: Outgoing) -> None:
@@ -547,7 +642,7 @@ class MemoryBackend:
                 message_id=message_id,
             )
             for sub in t.ephemeral_subs:
-                self._offer_ephemeral(sub, message)
+                sub.offer(message)
             if self._changed:
                 self._changed.unpark_all()
             return
@@ -564,7 +659,7 @@ class MemoryBackend:
     ) -> _PersistentSubscription | _EphemeralSubscription:
         t = self._topic(topic, config)
         if not t.config.persistent:
-            sub = _EphemeralSubscription(t, inbox, self._buffer_size)
+            sub = _EphemeralSubscription(t, inbox, self._buffer_size, self._nursery)
             t.ephemeral_subs.append(sub)
             await trio.lowlevel.checkpoint()
             return sub
@@ -573,70 +668,10 @@ class MemoryBackend:
             g = t.groups[group] = _Group(t, group)
         g.subscribed = True
         g.inbox = inbox
-        g.start_reader = self._start_persistent_reader
-        g.wake()
+        g.task = _SubscriptionTask(self._nursery, g.deliver, topic)
+        g.wake()  # what the group already holds (an earlier subscriber's hand-back, retained messages)
         await trio.lowlevel.checkpoint()
-        return _PersistentSubscription(g)
-
-    def _start_persistent_reader(self, group: _Group) -> None:
-        group.reader_scope = trio.CancelScope()
-        group.reader_done = trio.Event()
-        self._nursery.start_soon(self._persistent_reader, group)
-
-    async def _persistent_reader(self, group: _Group) -> None:
-        """Deliver a group's backlog in batches, waiting for room in the pool; exit once it is empty."""
-        assert group.reader_scope is not None
-        assert group.reader_done is not None
-        done = group.reader_done
-        try:
-            with group.reader_scope:
-                while group.inbox is not None:
-                    batch = group.take(_BATCH)
-                    if not batch:
-                        break
-                    # If cancelled mid-batch, what was not queued stays outstanding: handed back on detach.
-                    await group.inbox.deliver(batch)
-                    await trio.lowlevel.checkpoint()
-        finally:
-            group.reader_scope = None
-            done.set()
-
-    def _offer_ephemeral(self, sub: _EphemeralSubscription, message: Message) -> None:
-        if not sub.active:
-            return
-        if sub.scope is None and sub.inbox.deliver_nowait(AtMostOnceDelivery(message)):
-            return
-        try:
-            sub.send.send_nowait(message)
-        except trio.WouldBlock:
-            sub.inbox.dropped(1, f"subscriber buffer of {sub.topic.name!r} is full")
-            return
-        if sub.scope is None:
-            sub.scope = trio.CancelScope()
-            sub.done = trio.Event()
-            self._nursery.start_soon(self._ephemeral_reader, sub)
-
-    async def _ephemeral_reader(self, sub: _EphemeralSubscription) -> None:
-        """Deliver what waits in an ephemeral subscription's buffer; exit once it is empty."""
-        assert sub.scope is not None
-        try:
-            with sub.scope:
-                while True:
-                    batch: list[AtMostOnceDelivery] = []
-                    while len(batch) < _BATCH:
-                        try:
-                            batch.append(AtMostOnceDelivery(sub.receive.receive_nowait()))
-                        except trio.WouldBlock:
-                            break
-                    if not batch:
-                        break
-                    await sub.inbox.deliver(batch)
-                    await trio.lowlevel.checkpoint()
-        finally:
-            sub.scope = None
-            sub.done.set()
-            if self._changed:
-                self._changed.unpark_all()
+        return _PersistentSubscription(g, g.task)
 
     def lag(self) -> int:
         return sum(
