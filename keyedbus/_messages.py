@@ -40,6 +40,7 @@ __all__ = [
     "key_problem",
     "key_of_headers",
     "new_message_id",
+    "parse_header_lines",
     "replay_headers",
     "wire_key_problem",
     "wire_size",
@@ -207,9 +208,35 @@ def wire_key_problem(key: str) -> str | None:
     if problem is None:
         return None
     shown = key if len(key) <= 64 else key[:61] + "..."
+    if ", " in key and all(_key_problem(part) is None for part in key.split(", ")):
+        problem = "is repeated in the message (a message has one key)"
     return (
         f"InvalidKeyError: {KEY_HEADER} header {shown!r} {problem}; keys are 1..256 of A-Z a-z 0-9 : _ - . /"
     )
+
+
+def parse_header_lines(raw: bytes) -> dict[str, str]:
+    """Headers from a NATS header block (``Name: value`` lines after ``NATS/1.0``), losing nothing.
+
+    A name given several times keeps every value, joined with ", " (as HTTP combines repeated fields);
+    bytes that are not UTF-8 are kept as lone surrogates (surrogateescape), so `header_problem` can refuse
+    them and a dead letter can say what they were. Values are trimmed, as NATS clients trim them. The key
+    header, in any case, is named ``X-Aggregate-ID``.
+    """
+    out: dict[str, str] = {}
+    for line in raw.split(b"\r\n"):
+        name_bytes, sep, value_bytes = line.partition(b":")
+        name = name_bytes.strip().decode("utf-8", "surrogateescape")
+        if not sep or not name:
+            continue
+        value = value_bytes.strip(b" \t").decode("utf-8", "surrogateescape")
+        if name.lower() == _KEY_HEADER_LOWER:
+            name = KEY_HEADER  # one key header, whatever case each line used
+        if name in out:
+            out[name] = f"{out[name]}, {value}"
+        else:
+            out[name] = value
+    return out
 
 
 def header_problem(headers: Mapping[str, str]) -> str | None:

@@ -23,7 +23,7 @@ import trio
 import trio_asyncio
 
 from .._errors import ConnectionFailedError, KeyedBusError, PublishError
-from .._messages import MSG_ID_HEADER, Message, key_of_headers
+from .._messages import MSG_ID_HEADER, Message, key_of_headers, parse_header_lines
 from . import _natspy
 from ._urls import safe_url
 
@@ -346,6 +346,7 @@ async def connect(
     conn: NatsConnection | None = None
     nc: Any = None
     client = nats.aio.client.Client()
+    _natspy.install_header_parser(client, parse_header_lines)  # repeated headers, non-UTF-8 bytes kept
     try:
         with attempt:
             try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = [
     "check_version",
     "delivery_info",
     "consumer_gone",
+    "install_header_parser",
     "encoded_size",
     "is_data",
     "request_pull",
@@ -104,6 +106,20 @@ def encoded_size(data: bytes, headers: dict[str, str] | None) -> int:
         if name.strip():
             size += len(name.strip().encode()) + len(value.strip().encode()) + 4
     return len(data) + size
+
+
+def install_header_parser(client: Any, parse: Callable[[bytes], dict[str, str]]) -> None:
+    """Make `client` parse received header blocks with `parse` instead of nats-py's own parser, which keeps
+    only the last value of a repeated header and turns bytes that are not UTF-8 into U+FFFD for good.
+
+    nats-py calls it as `self._parse_header_lines(raw)` (a staticmethod), so an instance attribute wins.
+    """
+    if not callable(getattr(client, "_parse_header_lines", None)):
+        raise ConnectionFailedError(
+            f"nats-py has no _parse_header_lines to replace; keyedbus supports nats-py {SUPPORTED} only: "
+            f"pip install 'nats-py{SUPPORTED}'"
+        )
+    client._parse_header_lines = parse
 
 
 def subscription_id(sub: Any) -> int:
