@@ -90,11 +90,11 @@ async def _run(nc: Any, op: dict[str, Any]) -> Any:
         sub = await nc.subscribe(op["subject"])
         await nc.flush()
         print(json.dumps({"ready": True}), flush=True)
-        got = []
+        received = []
         for _ in range(op["count"]):
             msg = await sub.next_msg(timeout=op.get("timeout", 30))
-            got.append({"data_b64": base64.b64encode(msg.data).decode(), "headers": msg.headers or {}})
-        return got
+            received.append({"data_b64": base64.b64encode(msg.data).decode(), "headers": msg.headers or {}})
+        return received
     raise ValueError(f"unknown op {kind!r}")
 
 
