@@ -121,8 +121,7 @@ class _Portal:
     def _check_open(self) -> None:
         if self.closed:
             raise BusClosedError(
-                f"the bus {self.opened.bus!r} is closed: use it inside its "
-                "'with keyedbus.blocking.open_bus()' block"
+                "this blocking bus is closed: use it inside its 'with keyedbus.blocking.open_bus()' block"
             )
 
 

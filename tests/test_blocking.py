@@ -127,7 +127,10 @@ def test_the_same_errors_as_the_async_api() -> None:
             bus.subscribe("orders", ok)
         with pytest.raises(keyedbus.InvalidHandlerError):
             bus.subscribe("other", 42)  # type: ignore[arg-type]
-    with pytest.raises(keyedbus.BusClosedError, match=r"^the bus <keyedbus.Bus memory://> is closed: use it"):
+    with pytest.raises(
+        keyedbus.BusClosedError,
+        match=r"^this blocking bus is closed: use it inside its 'with keyedbus.blocking.open_bus\(\)' block$",
+    ):
         bus.publish("orders", b"late")
     with pytest.raises(keyedbus.InvalidConfigError), keyedbus.blocking.open_bus("memory://nope"):
         pass
