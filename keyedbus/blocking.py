@@ -23,11 +23,13 @@ import attrs
 import outcome
 import trio
 
-from ._bus import Bus, BusStatistics, Subscription
+from ._bus import Bus
 from ._bus import open_bus as _open_async_bus
 from ._config import TopicConfig
 from ._errors import BusClosedError, InvalidConfigError
 from ._messages import Envelope, Message
+from ._statistics import BusStatistics
+from ._subscription import Subscription
 
 __all__ = ["BlockingBus", "BlockingSubscription", "open_bus"]
 
