@@ -58,14 +58,14 @@ class PoolConfig:
     """Size and timing of the one keyed worker pool every topic shares.
 
     Each key's messages run one at a time, in order; at most `workers` handlers run at once. A key belongs to
-    shard ``fnv1a_32(key) % workers`` (the same in every process), and each shard lets at most `queue_size`
-    messages wait to run before delivery waits for room.
+    worker ``fnv1a_32(key) % workers`` (the same in every process), whose queue is a trio memory channel of
+    `queue_size` messages; the worker holds at most `queue_size` more in its per-key lanes (parked keys'
+    backlog included), then stops receiving and delivery waits for room (docs/semantics.md).
     """
 
-    #: Executor tasks: the cap on keyed handlers running at once (and, separately, on keyless ones); also
-    #: the number of shards.
+    #: Worker tasks, each with its memory-channel queue: the cap on handlers running at once.
     workers: int = attrs.field(default=256, validator=_integer(minimum=1))
-    #: Messages each shard lets wait to run (a parked key's backlog is not counted).
+    #: Capacity of each worker's queue, and the most a worker holds in its lanes (parked backlog included).
     queue_size: int = attrs.field(default=1000, validator=_integer(minimum=1))
     #: Seconds an ephemeral message may wait for room in a full queue before it is dropped (and counted).
     wait_timeout: float = attrs.field(default=0.5, validator=_number(minimum=0))

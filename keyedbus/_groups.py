@@ -23,8 +23,8 @@ def to_raise(group: BaseExceptionGroup[BaseException], user: BaseException | Non
     - Otherwise the group itself.
     """
     inner = group.exceptions
-    if user is not None and any(exc is user for exc in inner):
-        others = [exc for exc in inner if exc is not user]
+    if user is not None and any(_same(exc, user) for exc in inner):
+        others = [exc for exc in inner if not _same(exc, user)]
         if others:
             internal = (
                 others[0]
@@ -36,6 +36,18 @@ def to_raise(group: BaseExceptionGroup[BaseException], user: BaseException | Non
     if len(inner) == 1:
         return inner[0]
     return group
+
+
+def _same(exc: BaseException, user: BaseException) -> bool:
+    """`exc` is `user`, or a copy trio derived of the user's group (cancel scopes split groups)."""
+    if exc is user:
+        return True
+    return (
+        isinstance(exc, BaseExceptionGroup)
+        and isinstance(user, BaseExceptionGroup)
+        and len(exc.exceptions) == len(user.exceptions)
+        and all(_same(a, b) for a, b in zip(exc.exceptions, user.exceptions, strict=True))
+    )
 
 
 def _attach(exc: BaseException, context: BaseException) -> None:

@@ -1,0 +1,459 @@
+"""The pool as the design card draws it: channels, subscription tasks, bounds, lifecycle, failures."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import trio
+import trio.testing
+
+import keyedbus
+from keyedbus._groups import to_raise
+from keyedbus._pool import fnv1a_32
+from keyedbus.testing import wait_until_handled
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup, ExceptionGroup
+
+EPHEMERAL = keyedbus.TopicConfig(persistence="ephemeral")
+ONCE = keyedbus.RetryPolicy(max_attempts=1)
+
+
+async def noop(msg: keyedbus.Message) -> None:
+    pass
+
+
+async def _collect_dead(bus: keyedbus.Bus, topic: str = "orders.dead-letter") -> list[keyedbus.Message]:
+    dead: list[keyedbus.Message] = []
+
+    async def on_dead(msg: keyedbus.Message) -> None:
+        dead.append(msg)
+
+    await bus.subscribe(topic, on_dead)
+    return dead
+
+
+# -- worker queues are trio memory channels ------------------------------------------------------------
+
+
+async def test_worker_queue_depths_are_the_channels_own_statistics(autojump_clock: object) -> None:
+    release = trio.Event()
+
+    async def handler(msg: keyedbus.Message) -> None:
+        await release.wait()
+
+    pool = keyedbus.PoolConfig(workers=2, queue_size=5)
+    worker = fnv1a_32("k") % 2
+    async with keyedbus.open_bus(pool=pool) as bus:
+        await bus.subscribe("orders", handler)
+        for i in range(20):
+            await bus.publish("orders", str(i).encode(), key="k")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = bus.statistics()
+        # The worker holds queue_size messages in k's lane (one running) and stops receiving: its channel
+        # fills to queue_size and the subscription task waits with the rest (persistent: backpressure).
+        assert stats.worker_queue_depths[worker] == 5
+        assert stats.worker_queue_depths[1 - worker] == 0
+        assert stats.queued == 5 + 4
+        assert stats.in_flight == 1
+        assert stats.dropped == 0
+        assert stats.lanes == 1
+        release.set()
+    assert bus.statistics().handled == 20
+    assert bus.statistics().worker_queue_depths == (0, 0)
+
+
+# -- the publisher never runs subscriber code --------------------------------------------------------------
+
+
+async def test_deep_json_is_dead_lettered_by_the_subscription_task_and_publish_returns(
+    autojump_clock: object,
+) -> None:
+    seen: list[str] = []
+
+    async def on_event(env: keyedbus.Envelope) -> None:
+        seen.append(env.event_type)
+
+    start = trio.current_time()
+    async with keyedbus.open_bus(drain_timeout=30) as bus:
+        await bus.subscribe_envelope("orders", on_event)
+        dead = await _collect_dead(bus)
+        await bus.publish("orders", b"[" * 100000 + b"]" * 100000, key="k")  # returns: no decoding here
+        await bus.publish_envelope(
+            "orders", keyedbus.Envelope(aggregate_id="k", event_type="After", event_version=1)
+        )
+        await wait_until_handled(bus)
+        assert seen == ["After"]  # the bus goes on
+    assert trio.current_time() - start < 1  # the drain ended at once: nothing was left unfinished
+    [letter] = dead
+    assert letter.headers["Keyedbus-Error"].startswith("InvalidEnvelopeError: nested too deeply")
+    assert letter.key == "k"
+
+
+@pytest.mark.parametrize("error", [RecursionError("deep"), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad")])
+async def test_a_key_function_raising_dead_letters_that_message_only(
+    error: Exception, autojump_clock: object
+) -> None:
+    handled: list[bytes] = []
+
+    def key_of(msg: keyedbus.Message) -> str | None:
+        if msg.data == b"bad":
+            raise error
+        return "k"
+
+    async def handler(msg: keyedbus.Message) -> None:
+        handled.append(msg.data)
+
+    async with keyedbus.open_bus() as bus:
+        await bus.subscribe("orders", handler, key=key_of)
+        dead = await _collect_dead(bus)
+        for data in (b"1", b"bad", b"2"):
+            await bus.publish("orders", data)
+        await wait_until_handled(bus)
+    assert handled == [b"1", b"2"]
+    [letter] = dead
+    assert letter.headers["Keyedbus-Error"].startswith(f"key function failed: {type(error).__name__}: ")
+
+
+class _Odd(BaseException):
+    """A BaseException that is neither Cancelled, KeyboardInterrupt nor SystemExit."""
+
+
+async def test_a_key_function_raising_a_base_exception_dead_letters_it(autojump_clock: object) -> None:
+    def key_of(msg: keyedbus.Message) -> str | None:
+        raise _Odd("odd")
+
+    async with keyedbus.open_bus() as bus:
+        await bus.subscribe("orders", noop, key=key_of)
+        dead = await _collect_dead(bus)
+        await bus.publish("orders", b"x")
+        await wait_until_handled(bus)
+    assert [m.headers["Keyedbus-Error"] for m in dead] == ["key function failed: _Odd: odd"]
+
+
+# -- everything bounded -------------------------------------------------------------------------------------
+
+
+async def test_a_parked_keys_backlog_counts_against_the_bound_persistent_waits(
+    autojump_clock: object,
+) -> None:
+    retry = keyedbus.RetryPolicy(max_attempts=2, initial_backoff=100, max_backoff=100, jitter=0)
+
+    async def handler(msg: keyedbus.Message) -> None:
+        raise RuntimeError("poison")
+
+    pool = keyedbus.PoolConfig(workers=1, queue_size=10)
+    async with keyedbus.open_bus(pool=pool, retry=retry, drain_timeout=1_000_000) as bus:
+        await bus.subscribe("orders", handler)
+        for i in range(600):
+            await bus.publish("orders", str(i).encode(), key="poison")
+        await trio.sleep(1)  # the first attempt failed: the key is parked for 100 s
+        stats = bus.statistics()
+        assert stats.parked_keys == 1
+        # 10 held by the worker (the parked key's backlog counts), 10 in its channel, at most one batch
+        # (256) in the subscription task's hand; the rest waits with the broker (lag).
+        assert stats.queued == 20
+        assert stats.worker_queue_depths == (10,)
+        assert stats.lag >= 600 - 20 - 256
+        assert stats.dropped == 0
+    assert bus.statistics().dead_lettered == 600
+
+
+async def test_a_parked_keys_backlog_counts_against_the_bound_ephemeral_drops(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    retry = keyedbus.RetryPolicy(max_attempts=2, initial_backoff=100, max_backoff=100, jitter=0)
+
+    async def handler(msg: keyedbus.Message) -> None:
+        raise RuntimeError("poison")
+
+    pool = keyedbus.PoolConfig(workers=1, queue_size=10, wait_timeout=0.5)
+    async with keyedbus.open_bus(pool=pool, retry=retry) as bus:
+        await bus.configure_topic("ticks", EPHEMERAL)
+        await bus.subscribe("ticks", handler)
+        for i in range(50):
+            await bus.publish("ticks", str(i).encode(), key="poison")
+        await trio.sleep(30)
+        stats = bus.statistics()
+        assert stats.parked_keys == 1
+        assert stats.queued == 20  # 10 held (parked backlog), 10 in the channel: no more
+        assert stats.dropped == 30  # each waited wait_timeout for room, then was counted and logged
+    assert "dropped 1 message(s) of ephemeral topic ticks: no room in worker queue 0" in caplog.text
+
+
+# -- cancellation never loses silently -----------------------------------------------------------------
+
+
+async def test_a_subscription_task_stopped_mid_batch_counts_ephemeral_messages_as_dropped(
+    autojump_clock: object,
+) -> None:
+    release = trio.Event()
+    handled = 0
+
+    async def handler(msg: keyedbus.Message) -> None:
+        nonlocal handled
+        await release.wait()
+        handled += 1
+
+    pool = keyedbus.PoolConfig(workers=1, queue_size=2, wait_timeout=1000)
+    async with keyedbus.open_bus(pool=pool) as bus:
+        await bus.configure_topic("ticks", EPHEMERAL)
+        sub = await bus.subscribe("ticks", handler)
+        for i in range(10):
+            await bus.publish("ticks", str(i).encode(), key="k")
+        await trio.testing.wait_all_tasks_blocked()  # the task waits for room, mid-batch
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sub.unsubscribe)
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+    stats = bus.statistics()
+    # Nothing vanished: each message was handled, or counted as dropped (released from the lane or the
+    # channel after the unsubscribe, or handed back unsent by the cancelled subscription task).
+    assert handled + stats.dropped == 10
+    assert handled >= 1
+    assert stats.dropped >= 7
+
+
+async def test_a_subscription_task_stopped_mid_batch_hands_persistent_messages_back(
+    autojump_clock: object,
+) -> None:
+    release = trio.Event()
+    first: list[bytes] = []
+    second: list[tuple[bytes, int]] = []
+
+    async def slow(msg: keyedbus.Message) -> None:
+        await release.wait()
+        first.append(msg.data)
+
+    async def fast(msg: keyedbus.Message) -> None:
+        second.append((msg.data, msg.attempt))
+
+    pool = keyedbus.PoolConfig(workers=1, queue_size=2)
+    async with keyedbus.open_bus(pool=pool) as bus:
+        sub = await bus.subscribe("orders", slow, group="g")
+        for i in range(10):
+            await bus.publish("orders", str(i).encode(), key="k")
+        await trio.testing.wait_all_tasks_blocked()  # the task waits for room, mid-batch
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sub.unsubscribe)
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+        await bus.subscribe("orders", fast, group="g")
+        await wait_until_handled(bus)
+    assert first == [b"0"]
+    # Everything else comes back to the next subscriber of the group, in key order.
+    assert [data for data, _ in second] == [str(i).encode() for i in range(1, 10)]
+    assert bus.statistics().dropped == 0
+
+
+# -- lifecycle -----------------------------------------------------------------------------------------------
+
+
+async def test_bus_and_subscription_states(autojump_clock: object) -> None:
+    states: list[str] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        states.append(bus.state)
+
+    async with keyedbus.open_bus() as bus:
+        assert bus.state == "open"
+        sub = await bus.subscribe("orders", handler)
+        assert sub.state == "open"
+        await bus.publish("orders", b"x")
+    assert states == ["draining"]  # it was handled by the drain, after the block ended
+    assert str(bus.state) == "closed"
+    assert str(sub.state) == "closed"
+
+
+async def test_unsubscribe_after_the_bus_closed_returns_at_once(autojump_clock: object) -> None:
+    async with keyedbus.open_bus() as bus:
+        sub = await bus.subscribe("orders", noop)
+    start = trio.current_time()
+    with trio.fail_after(1):
+        await sub.unsubscribe()
+    assert trio.current_time() == start
+
+
+async def test_a_cancelled_unsubscribe_still_frees_the_slot_and_hands_back(autojump_clock: object) -> None:
+    release = trio.Event()
+    second: list[bytes] = []
+
+    async def slow(msg: keyedbus.Message) -> None:
+        await release.wait()
+
+    async def fast(msg: keyedbus.Message) -> None:
+        second.append(msg.data)
+
+    async def release_later() -> None:
+        await trio.sleep(2)
+        release.set()
+
+    async with keyedbus.open_bus() as bus:
+        sub = await bus.subscribe("orders", slow)
+        for i in range(3):
+            await bus.publish("orders", str(i).encode(), key="k")
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(release_later)
+            with trio.move_on_after(1) as scope:
+                await sub.unsubscribe()  # waits for the running handler: cancelled after 1 s
+        assert scope.cancelled_caught
+        # Shielded, it still waited for the running handler (2 s, within its bound) and handed back.
+        assert trio.current_time() - start == 2
+        assert sub.state == "closed"
+        await bus.subscribe("orders", fast)  # the slot is free
+        await wait_until_handled(bus)
+    assert second == [b"1", b"2"]
+
+
+# -- exception groups ---------------------------------------------------------------------------------------
+
+
+async def test_a_users_error_comes_out_bare_and_a_users_group_unchanged(autojump_clock: object) -> None:
+    with pytest.raises(ValueError, match=r"^mine$") as bare:
+        async with keyedbus.open_bus():
+            raise ValueError("mine")
+    assert not isinstance(bare.value, BaseExceptionGroup)
+    group = ExceptionGroup("both", [ValueError("a"), KeyError("b")])
+    with pytest.raises(ExceptionGroup) as caught:
+        async with keyedbus.open_bus():
+            raise group
+    assert caught.value is group
+
+
+def test_the_users_error_wins_and_internal_ones_become_its_context() -> None:
+    user = ValueError("mine")
+    internal = RuntimeError("keyedbus broke")
+    chosen = to_raise(BaseExceptionGroup("nursery", [internal, user]), user)
+    assert chosen is user
+    assert user.__context__ is internal
+    lone = RuntimeError("alone")
+    assert to_raise(BaseExceptionGroup("nursery", [lone]), None) is lone
+    deep = ExceptionGroup("inner", [KeyError("x")])
+    assert to_raise(BaseExceptionGroup("nursery", [deep]), None) is deep  # one level only
+
+
+# -- workers survive any handler ----------------------------------------------------------------------------
+
+
+async def test_a_stray_cancelled_fails_one_attempt_and_other_keys_keep_flowing(
+    autojump_clock: object,
+) -> None:
+    retry = keyedbus.RetryPolicy(max_attempts=3, initial_backoff=1, max_backoff=1, jitter=0)
+    attempts: list[int] = []
+    others: list[str] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        if msg.key == "stray":
+            attempts.append(msg.attempt)
+            if msg.attempt == 1:
+                with trio.CancelScope() as scope:
+                    scope.cancel()
+                    try:
+                        await trio.sleep(1)
+                    except trio.Cancelled as exc:
+                        stray = exc  # caught in its own scope...
+                raise stray  # ...and raised outside it
+            return
+        others.append(msg.key or "")
+
+    pool = keyedbus.PoolConfig(workers=4)
+    async with keyedbus.open_bus(pool=pool, retry=retry) as bus:
+        await bus.subscribe("orders", handler)
+        await bus.publish("orders", b"x", key="stray")
+        for i in range(20):
+            await bus.publish("orders", b"y", key=f"k{i}")
+        await wait_until_handled(bus)
+        assert bus.statistics().workers == 4
+    assert attempts == [1, 2]
+    assert sorted(others) == sorted(f"k{i}" for i in range(20))
+    assert bus.statistics().retried == 1
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+async def test_keyboard_interrupt_and_system_exit_from_a_handler_leave_open_bus_as_themselves(
+    exc_type: type[BaseException], autojump_clock: object
+) -> None:
+    async def handler(msg: keyedbus.Message) -> None:
+        raise exc_type
+
+    with pytest.raises(exc_type):  # noqa: PT012 - the block is the subject
+        async with keyedbus.open_bus() as bus:
+            await bus.subscribe("orders", handler)
+            await bus.publish("orders", b"x", key="k")
+            await trio.sleep(10)
+    assert bus.statistics().handled == 0
+
+
+async def test_any_other_base_exception_fails_the_attempt_only(autojump_clock: object) -> None:
+    async def handler(msg: keyedbus.Message) -> None:
+        raise _Odd("odd")
+
+    async with keyedbus.open_bus(retry=ONCE) as bus:
+        await bus.subscribe("orders", handler)
+        dead = await _collect_dead(bus)
+        await bus.publish("orders", b"x", key="k")
+        await wait_until_handled(bus)
+    assert [m.headers["Keyedbus-Error"] for m in dead] == ["_Odd: odd"]
+
+
+# -- handlers ----------------------------------------------------------------------------------------------
+
+
+async def test_a_lambda_around_an_async_function_is_a_handler(autojump_clock: object) -> None:
+    seen: list[bytes] = []
+
+    async def record(msg: keyedbus.Message, tag: str) -> None:
+        seen.append(tag.encode() + msg.data)
+
+    async with keyedbus.open_bus() as bus:
+        await bus.subscribe("orders", lambda msg: record(msg, "t:"))
+        await bus.publish("orders", b"x")
+    assert seen == [b"t:x"]
+
+
+async def test_a_callable_returning_no_awaitable_fails_its_messages_naming_it(
+    autojump_clock: object,
+) -> None:
+    class Sync:
+        def __call__(self, msg: keyedbus.Message) -> None:
+            pass
+
+    async with keyedbus.open_bus(retry=ONCE) as bus:
+        await bus.subscribe("orders", Sync())  # type: ignore[arg-type]
+        dead = await _collect_dead(bus)
+        await bus.publish("orders", b"x", key="k")
+        await wait_until_handled(bus)
+    [letter] = dead
+    assert letter.headers["Keyedbus-Error"].startswith("InvalidHandlerError: handler ")
+    assert "Sync" in letter.headers["Keyedbus-Error"]
+    assert "returned NoneType, not an awaitable" in letter.headers["Keyedbus-Error"]
+
+
+# -- failures are objects ------------------------------------------------------------------------------------
+
+
+async def test_retries_log_one_warning_line_and_the_dead_letter_logs_the_traceback(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    retry = keyedbus.RetryPolicy(max_attempts=2, initial_backoff=1, max_backoff=1, jitter=0)
+
+    async def handler(msg: keyedbus.Message) -> None:
+        raise ValueError("broken\nacross lines")
+
+    async with keyedbus.open_bus(retry=retry) as bus:
+        await bus.subscribe("orders", handler)
+        dead = await _collect_dead(bus)
+        await bus.publish("orders", b"x", key="k")
+        await wait_until_handled(bus)
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING and "retrying" in r.getMessage()]
+    assert warning.exc_info is None
+    [final] = [r for r in caplog.records if r.levelno == logging.ERROR and "dead-lettered" in r.getMessage()]
+    assert final.exc_info is not None
+    assert isinstance(final.exc_info[1], ValueError)
+    assert "Traceback" in caplog.text
+    # The header keeps the old "Type: message" text, on one line.
+    assert dead[0].headers["Keyedbus-Error"] == "ValueError: broken across lines"
