@@ -12,13 +12,21 @@ with unbuffered appends so a SIGKILL loses nothing already written. It prints pu
 broker), handled, redelivered, dead-lettered, lost, duplicates beyond redelivery, per-key order violations
 and crashes, and exits 1 if anything is lost, out of order or crashed.
 
+With --scaleout it runs several consumer processes as members of one group on a partitioned topic
+(docs/scaling.md): the member reading the most partitions is SIGKILLed mid-stream and replaced, one joins
+late, one leaves cleanly (SIGTERM). Their records are merged in the order things happened (each line ends
+with the machine's monotonic clock), so a key handled by two members at once counts as an order
+violation too; it also reports how long the group took to rebalance after the last membership change.
+
     python benchmarks/torture.py [--backend jetstream|memory] [--quick] [--messages 100000] [--keys 1000]
+    python benchmarks/torture.py --scaleout [--quick] [--members 3] [--partitions 12] [--messages 20000]
     python benchmarks/torture.py check WORKDIR      # re-check the records of an earlier run
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import random
@@ -78,7 +86,7 @@ def make_handler(
 
     async def handler(msg: keyedbus.Message) -> None:
         key, seq_text = msg.data.decode().split()
-        write(f"B {key} {seq_text} {msg.attempt}\n")
+        write(f"B {key} {seq_text} {msg.attempt} {time.monotonic_ns()}\n")
         plan = faults.outcome(key, int(seq_text), msg.attempt)
         outcome = "timeout"  # what the record says if the handler is cancelled (handler_timeout)
         try:
@@ -93,7 +101,7 @@ def make_handler(
                 await trio.lowlevel.checkpoint()
             outcome = "ok"
         finally:
-            write(f"E {key} {seq_text} {outcome} {msg.attempt}\n")
+            write(f"E {key} {seq_text} {outcome} {msg.attempt} {time.monotonic_ns()}\n")
 
     return handler
 
@@ -103,6 +111,9 @@ def _open_record(path: Path) -> Callable[[str], None]:
 
     def write(line: str) -> None:
         os.write(fd, line.encode())  # one unbuffered append: survives a SIGKILL once it returns
+
+    # Every line ends with CLOCK_MONOTONIC in ns: one clock for every process of the machine, so the
+    # records of members running at the same time can be merged in the order things happened.
 
     return write
 
@@ -144,56 +155,91 @@ class Report:
         return out + [f"  e.g. {e}" for e in self.examples[:10]]
 
 
-def check(published: Iterable[tuple[str, int]], records: Iterable[Iterable[str]], crashes: int) -> Report:
-    """Check handler records (one iterable of lines per consumer, in the order they ran) against what was
-    published. A message is finished when a handler succeeded on it or failed its last attempt."""
+def check(
+    published: Iterable[tuple[str, int]],
+    records: Iterable[Iterable[str]],
+    crashes: int,
+    *,
+    concurrent: bool = False,
+) -> Report:
+    """Check handler records (one iterable of lines per consumer) against what was published.
+
+    A message is finished when a handler succeeded on it or failed its last attempt. Consumers that ran one
+    after another are read file by file; `concurrent` ones (members of one group running at once) are
+    merged by the clock reading that ends each line. A message of a key starting while an earlier one is
+    unfinished, or while another process runs one of the key, is an order violation. ``X`` (written by the
+    driver after it killed a process) ends what that process had running.
+    """
     report = Report(crashes=crashes)
     expected: dict[str, set[int]] = defaultdict(set)
     for key, seq in published:
         expected[key].add(seq)
         report.published += 1
+    events: list[tuple[tuple[int, int, int], int, list[str]]] = []
+    for process, lines in enumerate(records):
+        for index, line in enumerate(lines):
+            parts = line.split()
+            if len(parts) < 2 or (parts[0] != "X" and len(parts) < 3):
+                continue  # one os.write per line, so a SIGKILL cannot cut one short; be safe anyway
+            if concurrent and parts[0] in "BEX":
+                when = int(parts[-1])
+                events.append(((when, process, index), process, parts))
+            else:
+                events.append(((0, process, index), process, parts))
+    events.sort(key=lambda e: e[0])
     finished: dict[str, set[int]] = defaultdict(set)
     next_needed: dict[str, int] = defaultdict(int)  # smallest published seq of the key not finished yet
+    running: dict[str, tuple[int, int]] = {}  # key -> (process, seq) of the handler running now
     ok: set[tuple[str, int]] = set()
     gave_up: set[tuple[str, int]] = set()
     dead_received: set[tuple[str, int]] = set()
-    seen_before: set[tuple[str, int]] = set()  # started by an earlier consumer
-    for process, lines in enumerate(records):
-        seen_here: set[tuple[str, int]] = set()
-        for line in lines:
-            parts = line.split()
-            if len(parts) < 3:
-                continue  # one os.write per line, so a SIGKILL cannot cut one short; be safe anyway
-            kind, key, seq = parts[0], parts[1], int(parts[2])
-            item = (key, seq)
-            if kind == "D":
-                dead_received.add(item)
-            elif kind == "B":
-                attempt = int(parts[3])
-                if item in seen_here:
-                    report.retries += 1
-                elif item in seen_before or attempt > 1:
-                    report.redelivered += 1  # delivered again by the broker (attempt > 1)
-                seen_here.add(item)
-                if seq > next_needed[key]:
-                    report.order_violations += 1
-                    report.examples.append(
-                        f"consumer {process}: {key}#{seq} started before {key}#{next_needed[key]} finished"
-                    )
-                if item in ok and attempt == 1:
-                    report.duplicates += 1
-            elif kind == "E":
-                outcome, attempt = parts[3], int(parts[4])
-                if outcome == "ok":
-                    ok.add(item)
-                elif attempt >= MAX_ATTEMPTS:
-                    gave_up.add(item)
-                else:
-                    continue
-                finished[key].add(seq)
-                while next_needed[key] in finished[key]:
-                    next_needed[key] += 1
-        seen_before |= seen_here
+    seen_by: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for _, process, parts in events:
+        kind = parts[0]
+        if kind == "O":
+            continue
+        if kind == "X":
+            for key in [k for k, (p, _) in running.items() if p == process]:
+                del running[key]
+            continue
+        key, seq = parts[1], int(parts[2])
+        item = (key, seq)
+        if kind == "D":
+            dead_received.add(item)
+        elif kind == "B":
+            attempt = int(parts[3])
+            if process in seen_by[item]:
+                report.retries += 1
+            elif seen_by[item] or attempt > 1:
+                report.redelivered += 1  # delivered again by the broker (attempt > 1)
+            seen_by[item].add(process)
+            if seq > next_needed[key]:
+                report.order_violations += 1
+                report.examples.append(
+                    f"consumer {process}: {key}#{seq} started before {key}#{next_needed[key]} finished"
+                )
+            elif concurrent and key in running and running[key][0] != process:
+                report.order_violations += 1
+                report.examples.append(
+                    f"consumer {process}: {key}#{seq} started while consumer {running[key][0]} ran "
+                    f"{key}#{running[key][1]}"
+                )
+            running[key] = (process, seq)
+            if item in ok and attempt == 1:
+                report.duplicates += 1
+        elif kind == "E":
+            if running.get(key) == (process, seq):
+                del running[key]
+            outcome, attempt = parts[3], int(parts[4])
+            if outcome == "ok":
+                ok.add(item)
+            elif attempt >= MAX_ATTEMPTS:
+                gave_up.add(item)
+            else:
+                continue
+            finished[key].add(seq)
+            while next_needed[key] in finished[key]:
+                next_needed[key] += 1
     report.handled = len(ok)
     report.dead_lettered = len(gave_up - ok)
     report.dead_letters_received = len(dead_received)
@@ -216,15 +262,18 @@ def _read_lines(path: Path) -> list[str]:
 def check_workdir(workdir: Path, crashes: int = 0) -> Report:
     published = [(p[1], int(p[2])) for p in (line.split() for line in _read_lines(workdir / "published.log"))]
     files = sorted(workdir.glob("consumer-*.log"), key=lambda p: int(p.stem.split("-")[1]))
+    members = sorted(workdir.glob("member-*.log"), key=lambda p: int(p.stem.split("-")[1]))
+    if members:  # members of one group, running at once
+        return check(published, [_read_lines(f) for f in members], crashes, concurrent=True)
     return check(published, [_read_lines(f) for f in files], crashes)
 
 
 def _finished_count(workdir: Path) -> int:
     done = set()
-    for f in workdir.glob("consumer-*.log"):
+    for f in [*workdir.glob("consumer-*.log"), *workdir.glob("member-*.log")]:
         for line in _read_lines(f):
             p = line.split()
-            if p[0] == "E" and len(p) == 5 and (p[3] == "ok" or int(p[4]) >= MAX_ATTEMPTS):
+            if p and p[0] == "E" and len(p) >= 5 and (p[3] == "ok" or int(p[4]) >= MAX_ATTEMPTS):
                 done.add((p[1], p[2]))
     return len(done)
 
@@ -262,19 +311,24 @@ async def publish_all(
 
 
 def _spawn_consumer(
-    url: str, workdir: Path, index: int, seed: int, ack_wait: float
+    url: str, workdir: Path, index: int, seed: int, ack_wait: float, *, partitions: int | None = None
 ) -> subprocess.Popen[bytes]:
+    """Start a consumer process and wait until it has subscribed. With `partitions` it is one member of a
+    group sharing a topic of that many partitions (record ``member-<index>.log``)."""
+    name = "consumer" if partitions is None else "member"
     command = [
         sys.executable,
         __file__,
         "consume",
         url,
-        str(workdir / f"consumer-{index}.log"),
+        str(workdir / f"{name}-{index}.log"),
         "--seed",
         str(seed),
         "--ack-wait",
         str(ack_wait),
     ]
+    if partitions is not None:
+        command += ["--partitions", str(partitions)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE)
     assert process.stdout is not None
     line = process.stdout.readline()  # "ready" once subscribed
@@ -284,9 +338,22 @@ def _spawn_consumer(
     return process
 
 
-async def consume(url: str, record: Path, seed: int, ack_wait: float) -> None:
-    """One consumer process: subscribe, print "ready", run until SIGTERM, then drain and exit."""
+async def consume(url: str, record: Path, seed: int, ack_wait: float, partitions: int | None = None) -> None:
+    """One consumer process: subscribe, print "ready", run until SIGTERM, then drain and exit.
+
+    With `partitions`, TOPIC is configured with that many partitions, and each change of the partitions
+    this process reads (`statistics().partitions`) is recorded as ``O <partitions or -> <clock>``.
+    """
     write = _open_record(record)
+
+    async def record_ownership(bus: keyedbus.Bus) -> None:
+        last: tuple[int, ...] | None = None
+        while True:
+            owned = bus.statistics().partitions.get((TOPIC, "torture"), ())
+            if owned != last:
+                write(f"O {','.join(map(str, owned)) or '-'} {time.monotonic_ns()}\n")
+                last = owned
+            await trio.sleep(0.05)
 
     async def on_dead(msg: keyedbus.Message) -> None:
         key, seq = msg.data.decode().split()
@@ -298,11 +365,19 @@ async def consume(url: str, record: Path, seed: int, ack_wait: float) -> None:
         async with keyedbus.open_bus(
             url, pool=pool, retry=RETRY, default_topic=topic, drain_timeout=60
         ) as bus:
+            if partitions is not None:
+                await bus.configure_topic(
+                    TOPIC, keyedbus.TopicConfig(ack_wait=ack_wait, partitions=partitions)
+                )
             await bus.subscribe(TOPIC, make_handler(Faults(seed=seed), write), group="torture")
             await bus.subscribe(DEAD_LETTERS, on_dead, group="torture")
-            print("ready", flush=True)
-            async for _ in signals:
-                break
+            async with trio.open_nursery() as nursery:
+                if partitions is not None:
+                    nursery.start_soon(record_ownership, bus)
+                print("ready", flush=True)
+                async for _ in signals:
+                    break
+                nursery.cancel_scope.cancel()
 
 
 async def run_jetstream(args: argparse.Namespace, workdir: Path) -> Report:
@@ -363,6 +438,181 @@ async def run_jetstream(args: argparse.Namespace, workdir: Path) -> Report:
     return check_workdir(workdir, crashes)
 
 
+# -- scale-out: members of one group, running at once ------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class ScaleOut:
+    """A scale-out run: members of one group share a partitioned topic while they are killed, join, leave."""
+
+    members: int = 3
+    partitions: int = 12
+    messages: int = 20_000
+    keys: int = 500
+    publishers: int = 8
+    #: SIGKILL the member reading the most partitions mid-stream (and start a new one if `restart`).
+    kill: bool = True
+    restart: bool = True
+    #: One member joins late; one leaves cleanly (SIGTERM, drain).
+    join: bool = True
+    leave: bool = True
+    ack_wait: float = 3.0
+    seed: int = 1
+    #: Seconds the run may take before it gives up (the caller's own bound may be shorter).
+    time_limit: float = 600.0
+
+
+@attrs.frozen(kw_only=True)
+class ScaleOutResult:
+    report: Report
+    #: Seconds from the last membership change until the live members read balanced shares (None: never).
+    balance_seconds: float | None
+    live_members: int
+    elapsed: float
+
+    def lines(self) -> list[str]:
+        balance = "never" if self.balance_seconds is None else f"{self.balance_seconds:.1f} s"
+        return [
+            *self.report.lines(),
+            f"members at the end: {self.live_members}; balanced {balance} after the last membership change",
+        ]
+
+
+def _ownership(path: Path) -> list[tuple[int, frozenset[int]]]:
+    """The ``O`` records of a member: (clock, partitions read from then on)."""
+    found = []
+    for line in _read_lines(path):
+        parts = line.split()
+        if parts and parts[0] == "O" and len(parts) == 3:
+            owned = frozenset(int(p) for p in parts[1].split(",")) if parts[1] != "-" else frozenset()
+            found.append((int(parts[2]), owned))
+    return found
+
+
+def balanced_since(records: list[list[tuple[int, frozenset[int]]]], partitions: int) -> int | None:
+    """The clock reading from which the members' latest ownership records have stayed balanced: every
+    partition read by exactly one member, each reading ⌊P/N⌋ or ⌈P/N⌉ (None: not balanced at the end)."""
+    count = len(records)
+    fair = {partitions // count, -(-partitions // count)} if partitions >= count else {0, 1}
+    events = sorted((t, m, owned) for m, rec in enumerate(records) for t, owned in rec)
+    state: list[frozenset[int]] = [frozenset()] * count
+    since: int | None = None
+    for t, m, owned in events:
+        state[m] = owned
+        together = [p for owned_now in state for p in owned_now]
+        ok = sorted(together) == list(range(partitions)) and all(len(o) in fair for o in state)
+        if ok and since is None:
+            since = t
+        elif not ok:
+            since = None
+    return since
+
+
+async def run_scaleout(
+    plan: ScaleOut, url: str, workdir: Path, *, log: Callable[[str], None] = print
+) -> ScaleOutResult:
+    """Members of group "torture" read TOPIC (`plan.partitions` partitions) while it is published; one is
+    SIGKILLed mid-stream, one joins late, one leaves cleanly; then the records are checked."""
+    rng = random.Random(plan.seed)
+    keys = _keys(plan.keys)
+    per_key = plan.messages // len(keys)
+    total = per_key * len(keys)
+    events = sorted(
+        [(0.25, "kill")] * plan.kill + [(0.45, "join")] * plan.join + [(0.65, "leave")] * plan.leave
+    )
+    started = time.monotonic()
+    live: dict[int, subprocess.Popen[bytes]] = {}
+    crashes = 0
+    last_change = time.monotonic_ns()
+
+    def spawn() -> None:
+        index = len(list(workdir.glob("member-*.log")))
+        live[index] = _spawn_consumer(
+            url, workdir, index, plan.seed, plan.ack_wait, partitions=plan.partitions
+        )
+
+    def reader_of_most() -> int:
+        def owned(index: int) -> int:
+            records = _ownership(workdir / f"member-{index}.log")
+            return len(records[-1][1]) if records else 0
+
+        return max(sorted(live), key=owned)
+
+    for _ in range(plan.members):
+        await trio.to_thread.run_sync(spawn)
+    last_change = time.monotonic_ns()
+    write = _open_record(workdir / "published.log")
+    deadline = trio.current_time() + plan.time_limit
+    progress = _progress(total)
+    try:
+        async with keyedbus.open_bus(url, connect_timeout=30) as bus, trio.open_nursery() as nursery:
+            nursery.start_soon(publish_all, bus, keys, per_key, plan.publishers, write)
+            while trio.current_time() < deadline:
+                await trio.sleep(0.2)
+                done = _finished_count(workdir)
+                progress(done)
+                for index, process in list(live.items()):
+                    if process.poll() is not None:
+                        crashes += 1
+                        log(f"  member {index} exited by itself with status {process.returncode}")
+                        del live[index]
+                while events and done >= events[0][0] * total:
+                    _, what = events.pop(0)
+                    if what == "kill":
+                        victim = reader_of_most()
+                        log(f"  SIGKILL member {victim} at {done}/{total} finished")
+                        live[victim].kill()
+                        await trio.to_thread.run_sync(live.pop(victim).wait)
+                        # Written once it is dead: ends what it had running, for the checker.
+                        _open_record(workdir / f"member-{victim}.log")(f"X {time.monotonic_ns()}\n")
+                        if plan.restart:
+                            await trio.to_thread.run_sync(spawn)
+                            log(f"  member {max(live)} started in its place")
+                    elif what == "join":
+                        await trio.to_thread.run_sync(spawn)
+                        log(f"  member {max(live)} joins at {done}/{total} finished")
+                    else:
+                        leaver = rng.choice(sorted(live)[:-1] or sorted(live))
+                        log(f"  member {leaver} leaves (SIGTERM) at {done}/{total} finished")
+                        live[leaver].send_signal(signal.SIGTERM)
+                        status = await trio.to_thread.run_sync(live.pop(leaver).wait)
+                        if status != 0:
+                            crashes += 1
+                            log(f"  member {leaver} exited with status {status} after SIGTERM")
+                    last_change = time.monotonic_ns()
+                if done >= total and not events:
+                    break
+            nursery.cancel_scope.cancel()
+        # Balance: the live members' records must show balanced shares, for a while, before we stop them.
+        balanced: int | None = None
+        give_up = min(deadline, trio.current_time() + 30)
+        while trio.current_time() < give_up:
+            records = [_ownership(workdir / f"member-{i}.log") for i in sorted(live)]
+            balanced = balanced_since(records, plan.partitions)
+            if balanced is not None and time.monotonic_ns() - balanced > 2e9:
+                break
+            await trio.sleep(0.2)
+    finally:
+        for process in live.values():
+            process.send_signal(signal.SIGTERM)
+        for index, process in live.items():
+            try:
+                status = await trio.to_thread.run_sync(functools.partial(process.wait, timeout=90))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                status = -1
+            if status != 0:
+                crashes += 1
+                log(f"  member {index} exited with status {status} after SIGTERM")
+    seconds = None if balanced is None else max(0.0, (balanced - last_change) / 1e9)
+    return ScaleOutResult(
+        report=check_workdir(workdir, crashes),
+        balance_seconds=seconds,
+        live_members=len(live),
+        elapsed=time.monotonic() - started,
+    )
+
+
 # -- memory: one process ------------------------------------------------------------------------------------
 
 
@@ -418,6 +668,38 @@ def _progress(total: int) -> Callable[[int], None]:
     return log
 
 
+def _main_scaleout(args: argparse.Namespace) -> int:
+    messages, keys = (5_000, 100) if args.quick else (args.messages, args.keys)
+    plan = ScaleOut(
+        members=args.members,
+        partitions=args.partitions,
+        messages=messages,
+        keys=keys,
+        publishers=args.publishers,
+        ack_wait=args.ack_wait,
+        seed=args.seed,
+        time_limit=min(args.time_limit, 240.0) if args.quick else args.time_limit,
+    )
+    logging.getLogger("keyedbus").setLevel(logging.CRITICAL)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="keyedbus-torture-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(
+        f"scale-out torture run: {plan.messages} messages over {plan.keys} keys (one poison key), "
+        f"{plan.members} members of one group, {plan.partitions} partitions, a member SIGKILLed and "
+        f"replaced, one joining, one leaving; seed {plan.seed}; records in {workdir}",
+        flush=True,
+    )
+    server = NatsServer(workdir / "jetstream")
+    server.start()
+    try:
+        result = trio.run(run_scaleout, plan, server.url, workdir)
+    finally:
+        server.stop()
+    print(f"finished in {result.elapsed:.1f} s")
+    print("\n".join(result.lines()))
+    return 0 if result.report.ok and result.balance_seconds is not None else 1
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "consume":
         parser = argparse.ArgumentParser(prog="torture.py consume")
@@ -425,9 +707,15 @@ def main() -> None:
         parser.add_argument("record", type=Path)
         parser.add_argument("--seed", type=int, default=1)
         parser.add_argument("--ack-wait", type=float, default=3.0)
+        parser.add_argument("--partitions", type=int, default=None)
         args = parser.parse_args(sys.argv[2:])
         logging.getLogger("keyedbus").setLevel(logging.CRITICAL)
-        trio.run(consume, args.url, args.record, args.seed, args.ack_wait)
+        if os.environ.get("KEYEDBUS_TORTURE_LOG"):  # debugging a run: each consumer's log next to its record
+            logging.getLogger("keyedbus").setLevel(logging.INFO)
+            logging.basicConfig(
+                filename=f"{args.record}.txt", level=logging.INFO, format="%(asctime)s %(message)s"
+            )
+        trio.run(consume, args.url, args.record, args.seed, args.ack_wait, args.partitions)
         return
     if len(sys.argv) > 1 and sys.argv[1] == "check":
         report = check_workdir(Path(sys.argv[2]))
@@ -445,7 +733,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--time-limit", type=float, default=900.0, help="seconds before the run gives up")
     parser.add_argument("--workdir", type=Path, help="keep the records here (default: a temporary dir)")
+    parser.add_argument(
+        "--scaleout",
+        action="store_true",
+        help="JetStream with several members of one group: a member killed, one joining, one leaving",
+    )
+    parser.add_argument("--members", type=int, default=3, help="members at the start (--scaleout)")
+    parser.add_argument("--partitions", type=int, default=12, help="partitions of the topic (--scaleout)")
     args = parser.parse_args()
+    if args.scaleout:
+        sys.exit(_main_scaleout(args))
     if args.quick:
         args.messages, args.keys = 5_000, 100
         args.consumer_kills = args.broker_kills = 1

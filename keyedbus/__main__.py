@@ -352,6 +352,14 @@ async def _stats(bus: Bus, args: argparse.Namespace) -> int:
     rest = busiest[_SHOWN_GROUPS:]
     if rest:
         print(f"  ... and {len(rest)} more group(s): lag {sum(c['lag'] for c in rest)} (--json lists all)")
+    partitions = state.get("partitions", 1)
+    for g in state.get("groups", ()):
+        if not g["members"]:
+            continue  # no process reads the group now
+        print(f"  group {g['group'] or 'default'}: {len(g['members'])} member(s), {partitions} partition(s)")
+        for m in g["members"]:
+            reads = ", ".join(map(str, m["partitions"])) or "none (standing by)"
+            print(f"    member {m['member']} (host {m['host']}, pid {m['pid']}) reads {reads}")
     return 0
 
 

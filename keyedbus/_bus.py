@@ -349,6 +349,7 @@ class Bus:
             evicted=self._backend.evicted(),
             recovering=self._backend.recovering(),
             lanes=pool.lanes(),
+            partitions=self._backend.partitions(),
         )
 
     async def wait_idle(self) -> None:

@@ -116,6 +116,8 @@ class RetryPolicy:
 
 
 _PERSISTENCE = ("persistent", "ephemeral")
+#: The most partitions one topic may have.
+MAX_PARTITIONS = 1024
 
 
 @attrs.frozen(kw_only=True)
@@ -141,12 +143,29 @@ class TopicConfig:
     #: died); live consumers keep slow messages alive with heartbeats. memory:// has no separate consumer
     #: process to die, so it ignores this.
     ack_wait: float = attrs.field(default=30.0, validator=_number(minimum=1, inclusive=True))
+    #: Partitions of a persistent topic: a keyed message goes to partition ``fnv1a_32(key) % partitions``,
+    #: and the processes subscribed in one group share the partitions, each owned by one process at a time
+    #: (docs/scaling.md). 1 (the default): one process of a group is active, the others stand by.
+    partitions: int = attrs.field(default=1, validator=_integer(minimum=1))
 
     @persistence.validator
     def _check_persistence(self, attribute: attrs.Attribute[str], value: object) -> None:
         if value not in _PERSISTENCE:
             raise InvalidConfigError(
                 f"TopicConfig.persistence must be 'persistent' or 'ephemeral', got {value!r}"
+            )
+
+    @partitions.validator
+    def _check_partitions(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if value > MAX_PARTITIONS:
+            raise InvalidConfigError(
+                f"TopicConfig.partitions must be <= {MAX_PARTITIONS} (each is a JetStream consumer per "
+                f"group), got {value!r}"
+            )
+        if value > 1 and self.persistence != "persistent":
+            raise InvalidConfigError(
+                f"TopicConfig.partitions={value} needs persistence='persistent': ephemeral topics have no "
+                "stored partitions to share"
             )
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import attrs
 
 __all__ = ["BusStatistics", "Counters"]
@@ -48,6 +50,9 @@ class BusStatistics:
     recovering: int = 0
     #: Per-key lanes alive now (keys with a message received by a worker and not yet settled).
     lanes: int = 0
+    #: The partitions this process reads now, per persistent (topic, group) subscription on JetStream
+    #: (group None: the default group); () while another process of the group reads them (docs/scaling.md).
+    partitions: Mapping[tuple[str, str | None], tuple[int, ...]] = attrs.field(factory=dict)
 
     #: Shards named in the repr, busiest first.
     _SHOWN_SHARDS = 5

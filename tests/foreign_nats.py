@@ -76,16 +76,16 @@ async def _run(nc: Any, op: dict[str, Any]) -> Any:
     if kind == "pull":  # another reader of a group: fetch from its durable consumer, ack what it gets
         psub = await js.pull_subscribe_bind(durable=op["durable"], stream=op["stream"])
         print(json.dumps({"ready": True}), flush=True)
-        got = 0
+        fetched = 0
         deadline = asyncio.get_running_loop().time() + op["seconds"]
         while asyncio.get_running_loop().time() < deadline:
             try:
                 for msg in await psub.fetch(1, timeout=1):
                     await msg.ack()
-                    got += 1
+                    fetched += 1
             except nats.errors.TimeoutError:
                 pass
-        return {"fetched": got}
+        return {"fetched": fetched}
     if kind == "read_core":
         sub = await nc.subscribe(op["subject"])
         await nc.flush()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import nats
 import pytest
@@ -229,38 +229,3 @@ async def test_envelopes_cross_between_plain_nats_py_and_keyedbus_intact(nats_se
         original.setdefault("event_id", "")
         ours.setdefault("event_id", "")
         assert ours == original
-
-
-async def test_a_second_process_in_the_same_group_is_warned_about(
-    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
-) -> None:
-    from keyedbus._backends.jetstream import consumer_name, stream_name
-
-    async def handler(msg: keyedbus.Message) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def other_process_pulls() -> Any:
-        # What another process's consumer does: a pull request waiting on the durable consumer.
-        nc = await nats.connect(nats_server.url)
-        inbox = nc.new_inbox()
-        await nc.subscribe(inbox)
-        subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream_name('orders')}.{consumer_name('orders', 'billing')}"
-        await nc.publish(subject, json.dumps({"batch": 1, "expires": 30 * 10**9}).encode(), reply=inbox)
-        await nc.flush()
-        return nc
-
-    with trio.fail_after(30):
-        async with keyedbus.open_bus(nats_server.url) as bus:
-            sub = await bus.subscribe("orders", handler, group="billing")  # creates the durable consumer
-            await sub.unsubscribe()
-            sub = await bus.subscribe("orders", handler, group="billing")  # the same process again: fine
-            await sub.unsubscribe()
-            assert not [r for r in caplog.records if "another consumer" in r.getMessage()]
-            other = await trio_asyncio.aio_as_trio(other_process_pulls)()
-            try:
-                await bus.subscribe("orders", handler, group="billing")
-            finally:
-                await trio_asyncio.aio_as_trio(other.close)()
-    warnings = [r.getMessage() for r in caplog.records if "another consumer is reading" in r.getMessage()]
-    assert len(warnings) == 1
-    assert "one process per (topic, group)" in warnings[0]

@@ -560,25 +560,3 @@ async def test_a_new_group_on_a_stream_that_already_evicted_counts_nothing(nats_
             await wait_until_handled(bus)
             assert bus.statistics().evicted == 0
     assert [m.data for m in seen] == [str(i).encode() for i in range(5, 10)]
-
-
-@pytest.mark.nats
-async def test_a_second_reader_of_a_group_that_comes_later_is_warned_about_once(
-    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
-) -> None:
-    _, handler = _recorder()
-    durable = consumer_name("orders", "billing")
-    op = {"op": "pull", "stream": stream_name("orders"), "durable": durable, "seconds": 12}
-    with trio.fail_after(60):
-        async with keyedbus.open_bus(nats_server.url, drain_timeout=5) as bus, trio.open_nursery() as nursery:
-            await bus.subscribe("orders", handler, group="billing")
-            nursery.start_soon(foreign, nats_server.url, op)  # a second process reading the same group
-            while not [r for r in caplog.records if "another process" in r.getMessage()]:  # noqa: ASYNC110
-                await trio.sleep(0.1)  # the warning comes from the bus's own periodic check
-            nursery.cancel_scope.cancel()
-    warnings = [r.getMessage() for r in caplog.records if "another process" in r.getMessage()]
-    assert warnings == [
-        f"{durable}: another process is reading group 'billing' of orders now (1 pull request(s) waiting on "
-        "its consumer that are not this one's); key order holds only within one process: stop the other "
-        "process, or subscribe it with another group"
-    ]

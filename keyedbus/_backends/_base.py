@@ -134,6 +134,10 @@ class Backend(Protocol):
         """Subscriptions whose broker-side consumer or stream vanished and is being recreated now."""
         ...
 
+    def partitions(self) -> dict[tuple[str, str | None], tuple[int, ...]]:
+        """The partitions this process reads now, per persistent (topic, group) it subscribes to."""
+        ...
+
     async def aclose(self) -> None:
         """Flush pending acks and close the connection; shielded and bounded, so safe in a finally."""
 

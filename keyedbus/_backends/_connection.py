@@ -59,6 +59,8 @@ class Publish:
     #: waits for (no Event per message on the hot path).
     done: trio.Event | None
     error: BaseException | None = None
+    #: The subject, when it is not the topic (a partition of a partitioned topic).
+    subject: str | None = None
 
     @property
     def persistent(self) -> bool:
@@ -174,7 +176,12 @@ class NatsConnection:
             try:
                 if request.persistent:
                     pending.append(
-                        (index, self.js.publish(request.topic, request.data, headers=request.headers))
+                        (
+                            index,
+                            self.js.publish(
+                                request.subject or request.topic, request.data, headers=request.headers
+                            ),
+                        )
                     )
                 else:
                     await self.nc.publish(request.topic, request.data, headers=request.headers or None)

@@ -18,8 +18,10 @@ from typing import Any
 from .._errors import ConnectionFailedError
 
 __all__ = [
+    "PIN_HEADER",
     "SUPPORTED",
     "api_prefix",
+    "client_of",
     "check_version",
     "delivery_info",
     "consumer_gone",
@@ -127,19 +129,42 @@ def subscription_id(sub: Any) -> int:
     return int(sub._id)
 
 
+def client_of(js: Any) -> Any:
+    """The nats-py client a JetStreamContext sends through."""
+    return js._nc
+
+
 def api_prefix(js: Any) -> str:
     """The JetStream API subject prefix of a JetStreamContext (`$JS.API` unless a domain is set)."""
     return str(js._prefix)
 
 
 async def request_pull(
-    nc: Any, js: Any, stream: str, durable: str, inbox: str, *, batch: int, expires: float
+    nc: Any,
+    js: Any,
+    stream: str,
+    durable: str,
+    inbox: str,
+    *,
+    batch: int,
+    expires: float,
+    group: str | None = None,
+    pin: str | None = None,
 ) -> None:
     """Ask a pull consumer for up to `batch` messages, delivered to `inbox`; the request ends after
-    `expires` seconds with a 408 status if it was not filled."""
+    `expires` seconds with a 408 status if it was not filled. `group` names the consumer's priority group
+    and `pin` the pin id the server last gave this puller (see `_scaleout`)."""
     subject = f"{api_prefix(js)}.CONSUMER.MSG.NEXT.{stream}.{durable}"
-    request = {"batch": batch, "expires": int(expires * 1e9)}
+    request: dict[str, Any] = {"batch": batch, "expires": int(expires * 1e9)}
+    if group is not None:
+        request["group"] = group
+        if pin is not None:
+            request["id"] = pin
     await nc.publish(subject, json.dumps(request).encode(), reply=inbox)
+
+
+#: The header JetStream puts the pin id of a pinned_client priority group in.
+PIN_HEADER = "Nats-Pin-Id"
 
 
 def is_data(msg: Any) -> bool:

@@ -28,6 +28,7 @@ import trio_asyncio
 from .._config import TopicConfig
 from .._errors import KeyedBusError, TopicConfigConflictError
 from .._pool import fnv1a_32
+from . import _natspy, _scaleout
 from ._connection import NatsConnection
 
 __all__ = [
@@ -70,15 +71,20 @@ def stream_name(topic: str) -> str:
     return _name("KB", topic)
 
 
-def consumer_name(topic: str, group: str) -> str:
-    """The durable pull consumer of (topic, group); the default group is called "default"."""
-    return _name("KBC", f"{topic}.{group or 'default'}")
+def consumer_name(topic: str, group: str, partition: int | None = None) -> str:
+    """The durable pull consumer of (topic, group), or of one partition of it (``..._p<n>``); the default
+    group is called "default"."""
+    name = _name("KBC", f"{topic}.{group or 'default'}")
+    return name if partition is None else f"{name}_p{partition}"
 
 
 def group_of(topic: str, consumer: str) -> str | None:
     """The group whose durable consumer on `topic` is named `consumer` ("" for the default group), or None
     when the name is not one keyedbus gives (or too long to read the group back from)."""
     prefix = f"KBC_{topic.replace('.', '_')}_"
+    partition = _scaleout.partition_of_consumer(consumer)
+    if partition is not None:
+        consumer = consumer[: -len(f"_p{partition}")]
     readable = consumer.rpartition("_")[0]
     if not readable.startswith(prefix):
         return None
@@ -95,7 +101,7 @@ def stream_config(topic: str, config: TopicConfig) -> Any:
     saw, see PullSubscription)."""
     return nats.js.api.StreamConfig(
         name=stream_name(topic),
-        subjects=[topic],
+        subjects=_scaleout.stream_subjects(topic, config.partitions),
         max_age=config.max_age,
         max_bytes=config.max_bytes or -1,
         max_msgs=config.max_msgs or -1,
@@ -110,7 +116,7 @@ def explicit_settings(config: TopicConfig) -> dict[str, Any]:
     """The settings a configure_topic call sets explicitly: those that differ from TopicConfig's defaults."""
     return {
         field: getattr(config, field)
-        for field in (*_STREAM_FIELDS, "ack_wait")
+        for field in (*_STREAM_FIELDS, "ack_wait", "partitions")
         if getattr(config, field) != getattr(_DEFAULTS, field)
     }
 
@@ -142,6 +148,10 @@ class StreamInfo:
     def filter_for(self, topic: str) -> str | None:
         """The consumer filter subject `topic` needs on this stream (None if the stream holds only it)."""
         return None if self.subjects == (topic,) else topic
+
+    def partitions(self, topic: str) -> int:
+        """How many partitions `topic` has here: P for keyedbus's layout of P subjects, else 1."""
+        return _scaleout.partitions_of_subjects(topic, self.subjects) or 1
 
 
 def _refusal(exc: BaseException) -> str:
@@ -244,10 +254,21 @@ class Streams:
                 old, new = getattr(current, stream_field), _server_value(field, explicit[field])
                 if old != new:
                     changes[stream_field] = (old, new)
-        if changes:
-            await js.update_stream(
-                dataclasses.replace(current, **{k: new for k, (_, new) in changes.items()})
+        wanted = explicit.get("partitions", 1)
+        found = _scaleout.partitions_of_subjects(topic, current.subjects or ())
+        if "partitions" in explicit and ours and found is not None and found != wanted:
+            changes["subjects"] = (current.subjects, _scaleout.stream_subjects(topic, wanted))
+            logger.warning(
+                "topic %s: partitions change from %d to %d; keys move between partitions, so every group "
+                "should have drained first (docs/scaling.md)",
+                topic,
+                found,
+                wanted,
+                extra={"topic": topic},
             )
+        if changes:
+            current = dataclasses.replace(current, **{k: new for k, (_, new) in changes.items()})
+            await js.update_stream(current)
             for stream_field, (old, new) in changes.items():
                 logger.warning(
                     "stream %s of topic %s: %s changed %s -> %s (set with configure_topic)",
@@ -276,26 +297,23 @@ class Streams:
 
 def consumer_config(
     durable: str, config: TopicConfig, filter_subject: str | None, start_seq: int | None = None
-) -> Any:
+) -> dict[str, Any]:
     """The durable pull consumer keyedbus creates: explicit acks, deliver all (or from `start_seq`, when it
-    replaces one that vanished), ack_wait from `config`."""
-    return nats.js.api.ConsumerConfig(
+    replaces one that vanished), ack_wait from `config`, and the pinned_client priority group that keeps it
+    to one reading process at a time (see `_scaleout`).
+
+    JSON for the raw API: nats-py's ConsumerConfig has no priority groups.
+    """
+    return _scaleout.consumer_config(
         name=durable,
-        durable_name=durable,
-        ack_policy=nats.js.api.AckPolicy.EXPLICIT,
+        filter_subject=filter_subject,
         ack_wait=config.ack_wait,
         max_ack_pending=MAX_ACK_PENDING,
-        deliver_policy=(
-            nats.js.api.DeliverPolicy.ALL
-            if start_seq is None
-            else nats.js.api.DeliverPolicy.BY_START_SEQUENCE
-        ),
-        opt_start_seq=start_seq,
-        filter_subject=filter_subject,
+        start_seq=start_seq,
     )
 
 
-def _incompatibility(current: Any, topic: str) -> str | None:
+def _incompatibility(current: Any, topic: str, expected: str | None) -> str | None:
     """Why an existing consumer cannot serve keyedbus (None if it can)."""
     ack = current.ack_policy
     if ack != nats.js.api.AckPolicy.EXPLICIT:
@@ -317,8 +335,8 @@ def _incompatibility(current: Any, topic: str) -> str | None:
             "delivered; keyedbus needs 'all' (or a start sequence or time an operator chose)"
         )
     filters = [f for f in (current.filter_subject, *(current.filter_subjects or ())) if f]
-    if filters and topic not in filters:
-        return f"its filter subject is {', '.join(filters)!r}, not the topic {topic!r}"
+    if filters and (expected or topic) not in filters:
+        return f"its filter subject is {', '.join(filters)!r}, not {expected or topic!r}"
     return None
 
 
@@ -342,13 +360,12 @@ async def open_consumer(
     except nats.js.errors.NotFoundError:
         info = None
     if info is None:
-        try:
-            await js.add_consumer(stream, consumer_config(durable, config, filter_subject, start_seq))
-        except nats.js.errors.BadRequestError as exc:
-            # 10148/10013 and the like: created meanwhile by another process with other settings.
-            logger.debug("%s: create failed (%s); using the existing consumer", durable, exc)
+        nc, prefix = _natspy.client_of(js), _natspy.api_prefix(js)
+        # Created meanwhile by another process (with other settings, say): that one is used.
+        made = consumer_config(durable, config, filter_subject, start_seq)
+        await _scaleout.aio_create_consumer(nc, prefix, stream, made)
         return await js.consumer_info(stream, durable)
-    why = _incompatibility(info.config, topic)
+    why = _incompatibility(info.config, topic, filter_subject)
     if why is not None:
         raise TopicConfigConflictError(
             f"the existing JetStream consumer {durable} on stream {stream} cannot be used for topic "
@@ -358,7 +375,14 @@ async def open_consumer(
     wanted = explicit.get("ack_wait")
     if wanted is not None and float(info.config.ack_wait or 0) != float(wanted):
         old = info.config.ack_wait
-        await js.add_consumer(stream, dataclasses.replace(info.config, ack_wait=float(wanted)))
+        # Through the raw API: nats-py's ConsumerConfig would drop the priority group settings.
+        await _scaleout.aio_update_consumer(
+            _natspy.client_of(js),
+            _natspy.api_prefix(js),
+            stream,
+            durable,
+            {"ack_wait": int(float(wanted) * 1e9)},
+        )
         logger.warning(
             "consumer %s of topic %s: ack_wait changed %s -> %s (set with configure_topic)",
             durable,

@@ -31,7 +31,7 @@ import trio_asyncio
 
 from .._config import TopicConfig
 from .._messages import Message
-from . import _natspy
+from . import _natspy, _scaleout
 from ._base import Inbox
 from ._connection import NatsConnection, message_from
 from ._streams import (
@@ -72,8 +72,6 @@ _FLOOR_POLL = 0.5
 #: Seconds before the first and the longest between attempts to recreate a vanished consumer or stream.
 _RECOVER_FIRST = 0.25
 _RECOVER_MAX = 8.0
-#: Seconds between checks for another process reading the same group (consumer info: waiting pulls).
-_WATCH_INTERVAL = 3.0
 #: Seconds between two eviction warnings of one subscription; each covers everything since the last.
 _EVICTION_LOG_INTERVAL = 10.0
 
@@ -120,6 +118,7 @@ class PullSubscription:
         on_detach: Callable[[PullSubscription], None],
         explicit: dict[str, Any] | None = None,
         durable: str | None = None,
+        partition: int | None = None,
     ) -> None:
         """Read `topic` from `stream` for `group` through the durable consumer `durable` (keyedbus's name
         for (topic, group) by default); `explicit` are the settings configure_topic set (see _streams)."""
@@ -136,8 +135,16 @@ class PullSubscription:
         self.inbox = inbox
         self.group = group
         self.stream = stream.name
-        self.durable = durable or consumer_name(topic, group)
+        self.durable = durable or consumer_name(topic, group, partition)
+        self.partition = partition
+        #: The subject this consumer reads: one partition's, or the topic's on a stream holding more.
+        self.filter_subject = (
+            stream.filter_for(topic) if partition is None else _scaleout.partition_subject(topic, partition)
+        )
         self.puller = _Puller(conn.nc, conn.js, self.stream, self.durable)
+        #: False while membership gives this partition to another process: no pulls, no pin.
+        self.active = True
+        self._wakeup = trio.Event()
         #: Delivered and unsettled, by stream sequence (queued, parked, running or held).
         self.outstanding: dict[int, JetStreamDelivery] = {}
         #: Sequences an earlier consumer may have left unsettled and not yet queued here, with their keys.
@@ -151,59 +158,40 @@ class PullSubscription:
         self.lag = 0
         self.stopping = False
         self.drain_target: int | None = None
+        #: The pin this partition had when it last stopped reading (the group may ask to unpin it).
+        self.released_pin: str | None = None
         self._scope = trio.CancelScope()
         self._stopped = trio.Event()
         self._next_floor_poll = 0.0
-        self._warned_second_reader = False
         self._evicted_unlogged = 0
         self._evicted_logged_at = -_EVICTION_LOG_INTERVAL
 
     # -- starting ---------------------------------------------------------------------------------------
 
-    async def start(self, nursery: trio.Nursery) -> None:
-        """Create or bind the durable consumer, learn what an earlier consumer still owes, start reading."""
+    async def start(self, nursery: trio.Nursery, *, active: bool = True) -> None:
+        """Create or bind the durable consumer and start reading (if `active`).
+
+        What an earlier consumer still owes is learnt each time this process is given the consumer's pin
+        (see `_scaleout`), so also on the first delivery after a restart.
+        """
         info = await trio_asyncio.aio_as_trio(self.puller.open)(
-            self.topic, self.config, self._explicit, self.stream_info.filter_for(self.topic)
+            self.topic, self.config, self._explicit, self.filter_subject
         )
-        floor = info.ack_floor.stream_seq if info.ack_floor else 0
-        delivered = info.delivered.stream_seq if info.delivered else 0
-        if info.num_waiting:
-            # Pull requests waiting on the consumer before we sent any: another process reads this group.
-            self._warn_second_reader(info.num_waiting)
-        self.last_seen = delivered
-        if info.num_ack_pending:
-            await self._learn_owed(floor, delivered)
+        self.last_seen = info["delivered"]["stream_seq"]
+        self.active = active
+        if not self.puller.pinned:
+            # Made by a keyedbus without priority groups: the server cannot keep a second process out.
+            logger.warning(
+                "%s: this consumer has no pinned_client priority group (made by an older keyedbus), so two "
+                "processes of group %r would split its keys; delete it while no process of the group runs "
+                "to have it made again (docs/scaling.md)",
+                self.durable,
+                self.group or None,
+                extra={"topic": self.topic},
+            )
+            if info.get("num_ack_pending"):
+                await self._learn_owed(info["ack_floor"]["stream_seq"], self.last_seen)
         await nursery.start(self._run)
-
-    def _warn_second_reader(self, waiting: int) -> None:
-        if self._warned_second_reader:
-            return
-        self._warned_second_reader = True
-        logger.warning(
-            "%s: another process is reading group %r of %s now (%d pull request(s) waiting on its consumer "
-            "that are not this one's); key order holds only within one process: stop the other process, or "
-            "subscribe it with another group",
-            self.durable,
-            self.group or None,
-            self.topic,
-            waiting,
-            extra={"topic": self.topic},
-        )
-
-    async def _watch(self) -> None:
-        """Check now and then whether another process reads this group (warned once)."""
-        while not self._warned_second_reader:
-            await trio.sleep(_WATCH_INTERVAL)
-            if self.recovering:
-                continue
-            try:
-                info = await trio_asyncio.aio_as_trio(self.conn.js.consumer_info)(self.stream, self.durable)
-            except Exception as exc:
-                logger.debug("%s: consumer_info failed: %s", self.durable, exc)
-                continue
-            # This subscription has at most one pull request waiting; more are someone else's.
-            if info.num_waiting > 1:
-                self._warn_second_reader(info.num_waiting - 1)
 
     def _evicted(self, count: int) -> None:
         """`count` messages of the stream were gone before this group got them: count, log (coalesced)."""
@@ -228,7 +216,33 @@ class PullSubscription:
         self._evicted_unlogged = 0
         self._evicted_logged_at = trio.current_time() if now is None else now
 
-    async def _learn_owed(self, floor: int, delivered: int) -> None:
+    async def _learn_pinned(self, batch: list[Any]) -> None:
+        """This process was just given the pin (with `batch`): hold the keys another holder may still have
+        unsettled."""
+        info = await trio_asyncio.aio_as_trio(self.puller.info)()
+        # Only what this process already accepted is its own. The batch in hand counts as owed: it may hold
+        # redeliveries out of stream order, and taking them in as owed arrivals puts them back in order.
+        mine = set(self.outstanding)
+        floor, delivered = info["ack_floor"]["stream_seq"], info["delivered"]["stream_seq"]
+        logger.info(
+            "%s: this process now reads %s for group %r (pinned); checking messages %d..%d for keys still "
+            "owed by the previous reader",
+            self.durable,
+            self.filter_subject or self.topic,
+            self.group or None,
+            floor + 1,
+            delivered,
+            extra={"topic": self.topic},
+        )
+        in_hand = {_natspy.delivery_info(m)[0]: m for m in batch}
+        await self._learn_owed(floor, delivered, mine, in_hand)
+
+    async def _learn_owed(
+        self, floor: int, delivered: int, mine: set[int] | None = None, in_hand: dict[int, Any] | None = None
+    ) -> None:
+        """Note the key of every message in floor+1..delivered not in `mine` as owed (`in_hand`: messages
+        just delivered, whose keys need not be read back)."""
+        in_hand = in_hand or {}
         if delivered - floor > MAX_ACK_PENDING:
             logger.warning(
                 "%s: reading back %d message(s) an earlier consumer may have left unsettled, to keep their "
@@ -237,24 +251,33 @@ class PullSubscription:
                 delivered - floor,
                 extra={"topic": self.topic},
             )
-        seqs = range(floor + 1, delivered + 1)
-        for start in range(0, len(seqs), _READ_BACK_CHUNK):
+        seqs = [s for s in range(floor + 1, delivered + 1) if s not in in_hand]
+        for start in range(0, len(seqs) + 1, _READ_BACK_CHUNK):
             stored = await trio_asyncio.aio_as_trio(aio_get_messages)(
                 self.conn.js, self.stream, seqs[start : start + _READ_BACK_CHUNK]
             )
+            if start == 0:
+                stored += [(seq, m) for seq, m in in_hand.items() if floor < seq <= delivered]
             for seq, raw in stored:
+                if mine and seq in mine:
+                    continue  # this process has it: the pool keeps its order
+                if self.filter_subject is not None and raw.subject != self.filter_subject:
+                    continue  # another partition's: never delivered by this consumer
                 key = self.inbox.key_of(message_from(self.topic, raw.data, raw.headers, 1))
                 if key is not None:
                     self.owed[seq] = key
-                    self.owed_by_key.setdefault(key, deque()).append(seq)
-        if self.owed:
+        self.owed_by_key = {}
+        for seq, key in sorted(self.owed.items()):
+            self.owed_by_key.setdefault(key, deque()).append(seq)
+        waiting = {key for seq, key in self.owed.items() if seq not in in_hand}
+        if waiting:
             logger.info(
                 "%s: an earlier consumer left messages %d..%d unsettled; holding %d key(s) until they are "
                 "redelivered in order (at most ack_wait=%s s)",
                 self.durable,
                 floor + 1,
                 delivered,
-                len(self.owed_by_key),
+                len(waiting),
                 self.config.ack_wait,
                 extra={"topic": self.topic},
             )
@@ -264,7 +287,6 @@ class PullSubscription:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._heartbeat)
-                    nursery.start_soon(self._watch)
                     task_status.started()
                     await self._read()
                     nursery.cancel_scope.cancel()
@@ -275,6 +297,11 @@ class PullSubscription:
 
     async def _read(self) -> None:
         while not self.stopping:
+            if not self.active:
+                await self._let_go()
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                continue
             if self.owed:
                 await self._poll_floor()
             if self._drained_far_enough():
@@ -289,6 +316,17 @@ class PullSubscription:
                 logger.warning("%s: fetch failed (%s: %s); retrying", self.durable, type(exc).__name__, exc)
                 await trio.sleep(_FETCH_WAIT)
                 continue
+            if self.puller.new_pin:
+                self.puller.new_pin = False
+                try:
+                    await self._learn_pinned(raw)
+                except Exception as exc:
+                    # Not knowing the owed keys could break their order: hand the batch back, pull again.
+                    logger.warning("%s: reading the consumer state failed (%s); retrying", self.durable, exc)
+                    self.puller.pin = None
+                    await self.conn.settle_now([(m, "nak") for m in raw])
+                    await trio.sleep(_FETCH_WAIT)
+                    continue
             batch = self._accept(raw)
             if self.stopping:
                 return  # fetched after stop(): outstanding, so detach or close hands it back
@@ -323,8 +361,10 @@ class PullSubscription:
             # from its beginning; on the same stream, from the oldest message this process has not settled.
             fresh = stream.created != self.stream_info.created
             start = None if fresh or resume <= 1 else resume
+            if self.partition is None:
+                self.filter_subject = stream.filter_for(self.topic)
             info = await trio_asyncio.aio_as_trio(self.puller.recreate)(
-                stream.name, self.topic, self.config, self._explicit, stream.filter_for(self.topic), start
+                stream.name, self.topic, self.config, self._explicit, self.filter_subject, start
             )
         except Exception as exc:
             logger.debug(
@@ -356,6 +396,28 @@ class PullSubscription:
         self.last_seen = max(self.last_seen, info.delivered.stream_seq if info.delivered else 0)
         self.recovering = False
         self._recover_wait = _RECOVER_FIRST
+
+    def set_active(self, active: bool) -> None:
+        """Start (True) or stop (False) pulling; a stopped partition keeps settling what it has queued."""
+        self.active = active
+        self._wakeup.set()
+
+    async def _let_go(self) -> None:
+        """Stop reading for now: let the pull in flight end, hand back what was fetched but never queued.
+
+        Forgets the pin, so whoever reads next (this process too) learns the owed keys afresh.
+        """
+        await trio.sleep(max(0.0, await trio_asyncio.aio_as_trio(self.puller.seconds_left)()))
+        fetched = [d for held in self.held.values() for d in held]
+        for delivery in fetched:
+            delivery.settled = True
+            del self.outstanding[delivery.seq]
+        self.held.clear()
+        self.owed.clear()
+        self.owed_by_key.clear()
+        self.released_pin, self.puller.pin = self.puller.pin, None
+        naks = [d.raw for d in sorted(fetched, key=lambda d: d.seq)] + self.puller.leftovers()
+        await self.conn.settle_now([(raw, "nak") for raw in naks])
 
     def _drained_far_enough(self) -> bool:
         """While draining: everything published before the drain began has been fetched."""
@@ -418,11 +480,11 @@ class PullSubscription:
             return
         self._next_floor_poll = now + _FLOOR_POLL
         try:
-            info = await trio_asyncio.aio_as_trio(self.conn.js.consumer_info)(self.stream, self.durable)
+            info = await trio_asyncio.aio_as_trio(self.puller.info)()
         except Exception as exc:
-            logger.debug("%s: consumer_info failed: %s", self.durable, exc)
+            logger.debug("%s: consumer info failed: %s", self.durable, exc)
             return
-        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        floor = info["ack_floor"]["stream_seq"]
         keys = {self.owed.pop(seq) for seq in [s for s in self.owed if s <= floor]}
         ready = [d for key in keys for d in self._release(key)]
         if ready:
@@ -462,6 +524,7 @@ class PullSubscription:
     async def stop(self) -> None:
         """Stop fetching: let the fetch in flight end (so nothing is left in a dead pull request)."""
         self.stopping = True
+        self._wakeup.set()
         with trio.move_on_after(_FETCH_WAIT * 2 + 1):
             await self._stopped.wait()
         self._scope.cancel()
@@ -483,15 +546,20 @@ class PullSubscription:
     # -- draining ---------------------------------------------------------------------------------------
 
     async def caught_up(self) -> bool:
-        """True once everything published up to the drain's start (and our own later publishes) is settled."""
-        info = await trio_asyncio.aio_as_trio(self.conn.js.consumer_info)(self.stream, self.durable)
-        floor = info.ack_floor.stream_seq if info.ack_floor else 0
-        delivered = info.delivered.stream_seq if info.delivered else 0
+        """True once everything published up to the drain's start (and our own later publishes) is settled.
+
+        A partition this process does not read is caught up once what it queued is settled.
+        """
+        if not self.active:
+            return not self.outstanding
+        info = await trio_asyncio.aio_as_trio(self.puller.info)()
+        floor: int = info["ack_floor"]["stream_seq"]
+        delivered: int = info["delivered"]["stream_seq"]
         if self.drain_target is None:
-            self.drain_target = delivered + (info.num_pending or 0)
+            self.drain_target = delivered + (info.get("num_pending") or 0)
         if self.outstanding or self.owed:
             return False
-        if not info.num_pending and not info.num_ack_pending:
+        if not info.get("num_pending") and not info.get("num_ack_pending"):
             return True
         return floor >= max(self.drain_target, self.conn.published_seq(self.topic))
 
@@ -516,17 +584,34 @@ class _Puller:
         self._sub: Any = None
         self._open = 0  # messages the outstanding pull request may still bring
         self._deadline = 0.0
+        #: Whether the consumer has keyedbus's pinned_client priority group (older ones do not).
+        self.pinned = False
+        #: The pin id the server gave this process's pulls (None: not pinned, or forgotten).
+        self.pin: str | None = None
+        #: Set when a delivery brought a pin id this process did not have: the reader learns owed keys.
+        self.new_pin = False
 
     async def open(
         self, topic: str, config: TopicConfig, explicit: dict[str, Any], filter_subject: str | None
-    ) -> Any:
+    ) -> dict[str, Any]:
         """Create or check the durable consumer (see `_streams.open_consumer`), subscribe to our inbox;
-        return the consumer info."""
-        info = await open_consumer(
-            self._js, self._stream, self._durable, topic, config, explicit, filter_subject
-        )
+        return the consumer info as JetStream sends it."""
+        await open_consumer(self._js, self._stream, self._durable, topic, config, explicit, filter_subject)
+        info = await self.info()
+        self.pinned = _scaleout.has_pinned_policy(info)
         self._sub = await self._nc.subscribe(self._inbox, pending_msgs_limit=4 * FETCH_BATCH)
         return info
+
+    async def info(self) -> dict[str, Any]:
+        """The consumer's info as JetStream sends it (ack floor, delivered, priority group state)."""
+        subject = f"CONSUMER.INFO.{self._stream}.{self._durable}"
+        return await _scaleout.aio_api(self._nc, _natspy.api_prefix(self._js), subject, None)
+
+    async def seconds_left(self) -> float:
+        """Seconds until the pull request in flight (if any) has surely ended."""
+        if self._open <= 0:
+            return 0.0
+        return self._deadline - asyncio.get_running_loop().time()
 
     async def take(self) -> list[Any]:
         """The next messages (at least one), or [] when a pull request ended with none."""
@@ -540,6 +625,8 @@ class _Puller:
                 self._inbox,
                 batch=FETCH_BATCH,
                 expires=_FETCH_WAIT,
+                group=_scaleout.PRIORITY_GROUP if self.pinned else None,
+                pin=self.pin,
             )
             self._open = FETCH_BATCH
             self._deadline = loop.time() + _FETCH_WAIT + 1.0  # grace: a request lost in a reconnect
@@ -550,6 +637,9 @@ class _Puller:
         messages = []
         for m in items:
             if _natspy.is_data(m):
+                pin = m.headers.get(_natspy.PIN_HEADER) if m.headers else None
+                if pin and pin != self.pin:
+                    self.pin, self.new_pin = pin, True
                 messages.append(m)
                 self._open -= 1
                 continue
@@ -559,8 +649,10 @@ class _Puller:
                 if not messages:
                     raise ConsumerGone(gone)
                 return messages  # the next pull request gets the same answer
-            if _natspy.status_of(m) != "100":  # 404 no messages, 408 expired, 409 and the like: over
+            if (status := _natspy.status_of(m)) != "100":  # 404, 408 expired, 409 and the like: over
                 self._open = 0
+                if status == "423":  # the server gave the pin to another pull: ask without it next time
+                    self.pin = None
         return messages
 
     async def recreate(
@@ -576,9 +668,13 @@ class _Puller:
         info (asyncio side)."""
         self._stream = stream
         self._open = 0
-        return await open_consumer(
+        info = await open_consumer(
             self._js, self._stream, self._durable, topic, config, explicit, filter_subject, start
         )
+        # A new consumer: no pin yet, so the first delivery makes the reader learn the owed keys afresh.
+        self.pinned = _scaleout.has_pinned_policy(await self.info())
+        self.pin = None
+        return info
 
     async def close(self) -> list[Any]:
         """Unsubscribe; return messages that arrived for a request after the last take (to hand back)."""

@@ -673,6 +673,10 @@ class MemoryBackend:
         await trio.lowlevel.checkpoint()
         return _PersistentSubscription(g, g.task)
 
+    def partitions(self) -> dict[tuple[str, str | None], tuple[int, ...]]:
+        # One process owns the embedded broker: nothing is shared, so there is nothing to report.
+        return {}
+
     def lag(self) -> int:
         return sum(
             (t.next_seq - g.cursor) + len(g.redeliver)

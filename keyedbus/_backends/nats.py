@@ -6,9 +6,11 @@ every private nats-py detail lives in `_natspy`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
+import attrs
 import nats.errors
 import nats.js.errors
 import trio
@@ -16,14 +18,15 @@ import trio_asyncio
 
 from .._config import TopicConfig
 from .._errors import KeyedBusError, PublishError
-from .._messages import MSG_ID_HEADER, Message
-from . import _natspy
+from .._messages import KEY_HEADER, MSG_ID_HEADER, Message
+from . import _natspy, _scaleout
 from ._base import AtMostOnceDelivery, Inbox, Outgoing
 from ._connection import NatsConnection, Publish, message_from, open_loop
 from ._connection import connect as _connect
+from ._group import GroupSubscription
 from ._streams import consumer_name, explicit_settings, group_of
 from ._urls import safe_url
-from .jetstream import PullSubscription, Streams, aio_get_messages
+from .jetstream import Streams, aio_get_messages
 
 __all__ = ["NatsBackend", "connect", "open_loop", "safe_url"]
 
@@ -99,7 +102,7 @@ class NatsBackend:
         #: Settings configure_topic set explicitly, per topic: the only ones changed on what exists.
         self._explicit: dict[str, dict[str, Any]] = {}
         self._core_subs: set[_CoreSubscription] = set()
-        self._pull_subs: set[PullSubscription] = set()
+        self._pull_subs: set[GroupSubscription] = set()
         self._settled_at = -1
         conn.on_slow_consumer = self.slow_consumer
 
@@ -124,7 +127,11 @@ class NatsBackend:
             return
         for attempt in (1, 2):
             request = self._request(out, trio.Event())
-            await self._streams.ensure(out.topic, out.config)
+            stream = await self._streams.ensure(out.topic, out.config)
+            partitions = stream.partitions(out.topic)
+            if partitions > 1:
+                key = out.headers.get(KEY_HEADER)
+                request.subject = _scaleout.publish_subject(out.topic, partitions, key, out.message_id)
             await self._conn.queue_publish(request)
             assert request.done is not None
             await request.done.wait()
@@ -179,11 +186,13 @@ class NatsBackend:
 
     async def subscribe(
         self, topic: str, config: TopicConfig, group: str, inbox: Inbox
-    ) -> PullSubscription | _CoreSubscription:
-        sub: PullSubscription | _CoreSubscription
+    ) -> GroupSubscription | _CoreSubscription:
+        sub: GroupSubscription | _CoreSubscription
         if config.persistent:
             stream = await self._streams.ensure(topic, config)
-            sub = PullSubscription(
+            # The partitions the stream has, whatever this process configured (see docs/scaling.md).
+            config = attrs.evolve(config, partitions=stream.partitions(topic))
+            sub = GroupSubscription(
                 self._conn,
                 topic,
                 config,
@@ -216,7 +225,7 @@ class NatsBackend:
                 return
         logger.warning("nats-py dropped a message for subscription %s (slow consumer)", sid)
 
-    def forget(self, sub: PullSubscription | _CoreSubscription) -> None:
+    def forget(self, sub: GroupSubscription | _CoreSubscription) -> None:
         """A detached subscription: the drain no longer waits for it."""
         self._pull_subs.discard(sub)
         self._core_subs.discard(sub)
@@ -264,6 +273,10 @@ class NatsBackend:
         """Stored messages a subscription found removed (limits, deletions) before its group got them."""
         return self._conn.evicted
 
+    def partitions(self) -> dict[tuple[str, str | None], tuple[int, ...]]:
+        """The partitions this process reads now, per persistent (topic, group) subscription."""
+        return {(sub.topic, sub.group or None): sub.owned for sub in self._pull_subs}
+
     # -- inspection (the command line) -------------------------------------------------------------------
 
     async def topic_state(self, topic: str) -> dict[str, Any]:
@@ -283,6 +296,7 @@ class NatsBackend:
             consumers.append(
                 {
                     "group": group_of(topic, c.name),
+                    "partition": _scaleout.partition_of_consumer(c.name),
                     "consumer": c.name,
                     "lag": c.num_pending or 0,
                     "unacked": c.num_ack_pending or 0,
@@ -290,10 +304,20 @@ class NatsBackend:
                     "ack_floor": c.ack_floor.stream_seq if c.ack_floor else 0,
                 }
             )
+        groups = []
+        for group in sorted({c["group"] for c in consumers if c["group"] is not None}):
+            records = await _scaleout.aio_group_records(self.js, consumer_name(topic, group))
+            members = [
+                {"member": r.member, "host": r.host, "pid": r.pid, "partitions": list(r.partitions)}
+                for r in records
+            ]
+            groups.append({"group": group, "members": members})
         state = info.state
         return {
             "topic": topic,
             "stream": name,
+            "partitions": _scaleout.partitions_of_subjects(topic, info.config.subjects or ()) or 1,
+            "groups": groups,
             "messages": state.messages,
             "bytes": state.bytes,
             "first_seq": state.first_seq,
@@ -318,15 +342,14 @@ class NatsBackend:
         return found
 
     async def delete_group(self, topic: str, group: str) -> bool:
-        """Delete the durable consumer of (topic, group) and so its position; False if there is none."""
-        try:
-            state = await self.topic_state(topic)
-            await trio_asyncio.aio_as_trio(self.js.delete_consumer)(
-                state["stream"], consumer_name(topic, group)
-            )
-        except nats.js.errors.NotFoundError:
-            return False
-        return True
+        """Delete the durable consumers of (topic, group) (one per partition), and so its position; False if
+        there is none."""
+        state = await self.topic_state(topic)
+        names = [c["consumer"] for c in state["consumers"] if c["group"] == group]
+        for name in names:
+            with contextlib.suppress(nats.js.errors.NotFoundError):  # deleted meanwhile
+                await trio_asyncio.aio_as_trio(self.js.delete_consumer)(state["stream"], name)
+        return bool(names)
 
     async def delete_stored(self, topic: str, seq: int) -> None:
         """Remove one stored message (a replayed dead letter) from a persistent topic's stream."""
