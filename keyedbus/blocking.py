@@ -25,7 +25,8 @@ import trio
 
 from ._bus import Bus
 from ._bus import open_bus as _open_async_bus
-from ._config import TopicConfig
+from ._config import RetryPolicy, TopicConfig
+from ._consumer import KeyFunction
 from ._errors import BusClosedError, InvalidConfigError
 from ._messages import Envelope, Message
 from ._statistics import BusStatistics
@@ -199,23 +200,56 @@ class BlockingBus:
         """Publish an Envelope, as `Bus.publish_envelope`."""
         self._portal.call(functools.partial(self._bus.publish_envelope, topic, envelope, headers=headers))
 
-    def subscribe(self, topic: str, handler: AnyHandler[Message], **options: Any) -> BlockingSubscription:
-        """Deliver every message of `topic` to `handler`, as `Bus.subscribe` (same keyword options).
+    def subscribe(
+        self,
+        topic: str,
+        handler: AnyHandler[Message],
+        *,
+        group: str | None = None,
+        retry: RetryPolicy | None = None,
+        dead_letter: str | None = None,
+        key: KeyFunction | None = None,
+    ) -> BlockingSubscription:
+        """Deliver every message of `topic` to `handler`, as `Bus.subscribe` (same options and errors).
 
         `handler` is an async function (run in the portal's trio thread) or a plain function (run in a
-        worker thread). Either way a key's messages run one at a time, in publish order.
+        worker thread). Either way a key's messages run one at a time, in publish order. Returns once the
+        subscription is live.
         """
-        wrapped = _in_threads(handler, self._limiter)
-        subscription = self._portal.call(functools.partial(self._bus.subscribe, topic, wrapped, **options))
+        subscription = self._portal.call(
+            functools.partial(
+                self._bus.subscribe,
+                topic,
+                _in_threads(handler, self._limiter),
+                group=group,
+                retry=retry,
+                dead_letter=dead_letter,
+                key=key,
+            )
+        )
         return BlockingSubscription(self._portal, subscription)
 
     def subscribe_envelope(
-        self, topic: str, handler: AnyHandler[Envelope], **options: Any
+        self,
+        topic: str,
+        handler: AnyHandler[Envelope],
+        *,
+        group: str | None = None,
+        retry: RetryPolicy | None = None,
+        dead_letter: str | None = None,
+        key: KeyFunction | None = None,
     ) -> BlockingSubscription:
         """Like `subscribe`, but the handler receives a decoded Envelope, as `Bus.subscribe_envelope`."""
-        wrapped = _in_threads(handler, self._limiter)
         subscription = self._portal.call(
-            functools.partial(self._bus.subscribe_envelope, topic, wrapped, **options)
+            functools.partial(
+                self._bus.subscribe_envelope,
+                topic,
+                _in_threads(handler, self._limiter),
+                group=group,
+                retry=retry,
+                dead_letter=dead_letter,
+                key=key,
+            )
         )
         return BlockingSubscription(self._portal, subscription)
 

@@ -101,8 +101,9 @@ def test_envelopes_retries_and_dead_letters_behave_as_in_the_async_api() -> None
     def on_dead(msg: keyedbus.Message) -> None:
         dead.append(msg)
 
-    with keyedbus.blocking.open_bus(retry=FAST_RETRY) as bus:
-        bus.subscribe_envelope("orders", failing)
+    with keyedbus.blocking.open_bus() as bus:  # the default policy: 5 attempts
+        sub = bus.subscribe_envelope("orders", failing, group="billing", retry=FAST_RETRY)
+        assert sub.group == "billing"
         bus.subscribe("orders.dead-letter", on_dead)
         bus.publish_envelope(
             "orders",

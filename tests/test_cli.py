@@ -223,8 +223,14 @@ async def test_dead_letters_are_listed_then_replayed_in_key_order(nats_server: N
         letters = [json.loads(line) for line in listed.stdout.decode().splitlines()]
         assert [(m["key"], m["data"]) for m in letters] == [("k", "m0"), ("k", "m1"), ("k", "m2")]
         assert all("RuntimeError: cannot handle" in m["headers"]["Keyedbus-Error"] for m in letters)
-        replay = await cli("dead-letters", "orders", "--replay", url=nats_server.url)
+        replay = await cli("dead-letters", "orders", "--replay", "-v", url=nats_server.url)
         assert replay.returncode == 0, replay.stderr
+        # Piped: no progress bar; -v logs each replayed message.
+        replayed = [line for line in replay.stderr.decode().splitlines() if line.startswith("keyedbus.cli:")]
+        assert [line.split(" (key")[0] for line in replayed] == [
+            f"keyedbus.cli: INFO: replayed #{seq}" for seq in (1, 2, 3)
+        ]
+        assert replay.stderr.decode().splitlines()[-1] == "replayed 3 dead letter(s) from orders.dead-letter"
         async with keyedbus.open_bus(nats_server.url) as bus:
             await bus.subscribe("orders", working, group="after-replay")
         after = await cli("dead-letters", "orders", url=nats_server.url)
