@@ -22,6 +22,7 @@ from ._errors import InvalidHeaderError as InvalidHeaderError
 from ._errors import InvalidKeyError as InvalidKeyError
 from ._errors import InvalidTopicError as InvalidTopicError
 from ._errors import KeyedBusError as KeyedBusError
+from ._errors import MessageTooLargeError as MessageTooLargeError
 from ._errors import MissingExtraError as MissingExtraError
 from ._errors import PublishError as PublishError
 from ._errors import TopicConfigConflictError as TopicConfigConflictError
@@ -56,6 +57,7 @@ __all__ = [
     "InvalidTopicError",
     "KeyedBusError",
     "Message",
+    "MessageTooLargeError",
     "MissingExtraError",
     "PoolConfig",
     "PublishError",

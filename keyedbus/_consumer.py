@@ -20,7 +20,7 @@ import trio
 from ._backends._base import Delivery
 from ._backends.memory import HANDLING_TOPIC
 from ._config import RetryPolicy
-from ._errors import InvalidHandlerError
+from ._errors import InvalidHandlerError, MessageTooLargeError
 from ._messages import (
     AggregateMessage,
     Envelope,
@@ -29,6 +29,7 @@ from ._messages import (
     header_problem,
     key_problem,
     new_message_id,
+    shrink_dead_letter,
     wire_key_problem,
 )
 from ._pool import KeyedWorkerPool
@@ -278,7 +279,11 @@ class Consumer(Generic[T]):
             original.headers, key=item.key, error=reason, attempts=item.attempt, topic=self.topic
         )
         message_id = f"{original.message_id}.dead-letter" if original.message_id else new_message_id()
-        await self._publish(self.dead_letter_topic, original.data, headers, message_id)
+        try:
+            await self._publish(self.dead_letter_topic, original.data, headers, message_id)
+        except MessageTooLargeError as exc:  # the original fitted; with keyedbus's headers it does not
+            data, headers = shrink_dead_letter(original.data, headers, message_id=message_id, limit=exc.limit)
+            await self._publish(self.dead_letter_topic, data, headers, message_id)
         logger.error(
             "dead-lettered a message of %s (key %s) to %s after %d attempt(s): %s",
             self.topic,

@@ -87,6 +87,20 @@ class PublishError(KeyedBusError):
         self.message_id = message_id
 
 
+class MessageTooLargeError(PublishError):
+    """A message (payload plus encoded headers) is bigger than the broker's max_payload; refused at the call.
+
+    `size` and `limit` are both in bytes.
+    """
+
+    def __init__(
+        self, message: str, *, size: int, limit: int, topic: str | None = None, message_id: str | None = None
+    ) -> None:
+        super().__init__(message, topic=topic, message_id=message_id)
+        self.size = size
+        self.limit = limit
+
+
 class TopicFullError(PublishError):
     """A memory:// topic is at its bound and no subscriber can make room in time (or the publisher is the
     handler that would have to make it); see docs/semantics.md, "Limits and retention"."""

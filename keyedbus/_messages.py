@@ -42,6 +42,7 @@ __all__ = [
     "new_message_id",
     "parse_header_lines",
     "replay_headers",
+    "shrink_dead_letter",
     "wire_key_problem",
     "wire_size",
 ]
@@ -65,7 +66,8 @@ REWRITTEN_HEADER = "Keyedbus-Rewritten-Headers"
 _SERVER_PREFIX = "nats-"
 #: Headers keyedbus writes on a dead letter (dropped again when it is replayed).
 _DEAD_LETTER_OWN = frozenset(
-    n.lower() for n in (ERROR_HEADER, ATTEMPTS_HEADER, ORIGINAL_TOPIC_HEADER, REWRITTEN_HEADER)
+    n.lower()
+    for n in (ERROR_HEADER, ATTEMPTS_HEADER, ORIGINAL_TOPIC_HEADER, REWRITTEN_HEADER, "Keyedbus-Shrunk")
 )
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
@@ -307,6 +309,40 @@ def dead_letter_headers(
     out[ATTEMPTS_HEADER] = str(attempts)
     out[ORIGINAL_TOPIC_HEADER] = topic
     return out
+
+
+#: Says what a dead letter left out to fit the broker's max_payload.
+SHRUNK_HEADER = "Keyedbus-Shrunk"
+_SHORT_ERROR = 200
+
+
+def shrink_dead_letter(
+    data: bytes, headers: Mapping[str, str], *, message_id: str, limit: int
+) -> tuple[bytes, dict[str, str]]:
+    """A dead letter that fits `limit` bytes (max_payload), saying in ``Keyedbus-Shrunk`` what it left out.
+
+    First ``Keyedbus-Error`` is cut to 200 characters and ``Keyedbus-Rewritten-Headers`` left out; if that
+    is not enough, the payload is left out (its size is given) and the headers are kept, so the message is
+    never parked forever behind a dead letter that cannot be written.
+    """
+    out = dict(headers)
+    out.pop(REWRITTEN_HEADER, None)
+    error = out.get(ERROR_HEADER, "")
+    if len(error) > _SHORT_ERROR:
+        out[ERROR_HEADER] = error[: _SHORT_ERROR - 3] + "..."
+    out[SHRUNK_HEADER] = f"headers shortened to fit max_payload {limit}"
+    if wire_size(data, out, message_id) <= limit:
+        return data, out
+    out[SHRUNK_HEADER] = (
+        f"payload of {len(data)} bytes left out (with the dead-letter headers it did not fit max_payload "
+        f"{limit}); headers shortened"
+    )
+    if wire_size(b"", out, message_id) <= limit:
+        return b"", out
+    # The original's own headers alone are too big: keep only what keyedbus wrote.
+    kept = {n: v for n, v in out.items() if n.lower() in _DEAD_LETTER_OWN or n == KEY_HEADER}
+    kept[SHRUNK_HEADER] = out[SHRUNK_HEADER].replace("headers shortened", "the original's headers left out")
+    return b"", kept
 
 
 def replay_headers(headers: Mapping[str, str]) -> dict[str, str]:

@@ -350,3 +350,59 @@ def test_wire_size_counts_headers_as_nats_encodes_them() -> None:
     # NATS/1.0\r\n + "K: v\r\n" + \r\n
     assert wire_size(b"abc", {"K": "v"}) == 3 + len(b"NATS/1.0\r\nK: v\r\n\r\n")
     assert wire_size(b"", {"K": "é"}) == len("NATS/1.0\r\nK: é\r\n\r\n".encode())
+
+
+# --- a dead letter always fits -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "kept"), [(450, True), (880, False)])
+async def test_a_dead_letter_that_would_not_fit_max_payload_is_shrunk_never_parked(
+    autojump_clock: object, size: int, kept: bool
+) -> None:
+    dead: list[keyedbus.Message] = []
+    handled: list[bytes] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        if msg.data.startswith(b"x"):
+            raise RuntimeError("e" * 600)  # a long error: the dead letter's headers outgrow the original's
+        handled.append(msg.data)
+
+    async def on_dead(msg: keyedbus.Message) -> None:
+        dead.append(msg)
+
+    retry = keyedbus.RetryPolicy(max_attempts=1)
+    async with keyedbus.open_bus(max_payload=1000, retry=retry) as bus:
+        await bus.subscribe("orders", handler)
+        await bus.subscribe("orders.dead-letter", on_dead)
+        await bus.publish("orders", b"x" * size, key="k", headers={"Trace": "t1"})
+        await bus.publish("orders", b"next", key="k")
+        await wait_until_handled(bus)
+    assert handled == [b"next"]  # the key moved on: the dead letter was written
+    [letter] = dead
+    assert letter.headers["Keyedbus-Original-Topic"] == "orders"
+    assert letter.headers["Keyedbus-Error"].startswith("RuntimeError: eee")
+    assert len(letter.headers["Keyedbus-Error"]) == 200
+    assert letter.key == "k"
+    if kept:
+        assert letter.data == b"x" * size
+        assert letter.headers["Keyedbus-Shrunk"] == "headers shortened to fit max_payload 1000"
+    else:
+        assert letter.data == b""
+        assert letter.headers["Keyedbus-Shrunk"].startswith(f"payload of {size} bytes left out")
+    assert letter.headers["Trace"] == "t1"
+
+
+def test_shrinking_keeps_keyedbus_headers_when_the_original_headers_alone_are_too_big() -> None:
+    from keyedbus._messages import shrink_dead_letter
+
+    headers = dead_letter_headers({"Big": "b" * 2000}, key="k", error="E", attempts=1, topic="orders")
+    data, out = shrink_dead_letter(b"payload", headers, message_id="m", limit=1000)
+    assert data == b""
+    assert "Big" not in out
+    assert (out["X-Aggregate-ID"], out["Keyedbus-Error"], out["Keyedbus-Original-Topic"]) == (
+        "k",
+        "E",
+        "orders",
+    )
+    assert "the original's headers left out" in out["Keyedbus-Shrunk"]
+    assert wire_size(data, out, "m") <= 1000

@@ -226,3 +226,32 @@ async def test_hostile_envelopes_from_a_foreign_client_are_dead_lettered_on_jets
     assert any("nested too deeply" in e for e in errors)
     assert any("timestamp not RFC 3339" in e for e in errors)
     assert any("empty payload (0 bytes)" in e for e in errors)
+
+
+async def test_a_dead_letter_over_the_servers_max_payload_is_shrunk_and_the_key_moves_on(
+    nats_server: NatsServer,
+) -> None:
+    size = 1024 * 1024 - 400  # fits with keyedbus's headers; not with a dead letter's
+    handled: list[bytes] = []
+    got_next = trio.Event()
+    dead = Recorder(1)
+
+    async def handler(msg: keyedbus.Message) -> None:
+        if len(msg.data) == size:
+            raise RuntimeError("e" * 900)
+        handled.append(msg.data)
+        got_next.set()
+
+    with trio.fail_after(60):
+        async with keyedbus.open_bus(nats_server.url, retry=keyedbus.RetryPolicy(max_attempts=1)) as bus:
+            await bus.subscribe("orders", handler)
+            await bus.subscribe("orders.dead-letter", dead)
+            await bus.publish("orders", b"x" * size, key="k")
+            await bus.publish("orders", b"next", key="k")
+            await got_next.wait()
+            await dead.all_in.wait()
+    assert handled == [b"next"]
+    [letter] = dead.seen
+    assert letter.data == b""
+    assert letter.headers["Keyedbus-Shrunk"].startswith(f"payload of {size} bytes left out")
+    assert letter.key == "k"

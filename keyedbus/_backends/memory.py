@@ -29,7 +29,7 @@ import attrs
 import trio
 
 from .._config import TopicConfig
-from .._errors import PublishError, TopicConfigConflictError, TopicFullError
+from .._errors import MessageTooLargeError, TopicConfigConflictError, TopicFullError
 from .._messages import Message, key_of_headers, wire_size
 from ._base import AtMostOnceDelivery, Inbox, Outgoing
 
@@ -574,11 +574,15 @@ class MemoryBackend:
     def _check_size(self, out: Outgoing) -> None:
         size = wire_size(out.data, out.headers, out.message_id)
         if size > self._max_payload:
-            raise PublishError(
+            raise MessageTooLargeError(
                 f"message for topic {out.topic!r} is {size} bytes (payload {len(out.data)} + headers "
                 f"{size - len(out.data)}), over memory://'s max_payload of {self._max_payload} bytes, as "
                 "NATS would refuse it: send big data elsewhere and publish a reference, or raise "
-                "open_bus(max_payload=...) (and nats-server's max_payload) to match"
+                "open_bus(max_payload=...) (and nats-server's max_payload) to match",
+                size=size,
+                limit=self._max_payload,
+                topic=out.topic,
+                message_id=out.message_id,
             )
 
     async def publish(self, out: Outgoing) -> None:
@@ -619,7 +623,9 @@ class MemoryBackend:
         """Raise TopicFullError unless a subscriber can make room in `t`."""
         why = t.can_make_room()
         if why is not None:
-            raise TopicFullError(f"topic {t.name!r} is full ({len(t.log)} messages unsettled): {why}")
+            raise TopicFullError(
+                f"topic {t.name!r} is full ({len(t.log)} messages unsettled): {why}", topic=t.name
+            )
 
     def evicted(self) -> int:
         """Messages evicted by a limit before every group had settled them (or with no group), in total."""

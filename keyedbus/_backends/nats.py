@@ -17,7 +17,7 @@ import trio
 import trio_asyncio
 
 from .._config import TopicConfig
-from .._errors import KeyedBusError, PublishError
+from .._errors import KeyedBusError, MessageTooLargeError
 from .._messages import KEY_HEADER, MSG_ID_HEADER, Message
 from . import _natspy, _scaleout
 from ._base import AtMostOnceDelivery, Inbox, Outgoing
@@ -173,10 +173,12 @@ class NatsBackend:
         if size > limit:
             # nats-py checks the payload alone; the server counts headers too and would drop the
             # connection, failing every publish queued behind this one.
-            raise PublishError(
+            raise MessageTooLargeError(
                 f"message {out.message_id!r} for {out.topic!r} is {size} bytes ({len(out.data)} of data + "
                 f"{size - len(out.data)} of encoded headers), more than the server's max_payload ({limit}): "
                 "send a reference to the data, or raise max_payload in nats-server's config",
+                size=size,
+                limit=limit,
                 topic=out.topic,
                 message_id=out.message_id,
             )
