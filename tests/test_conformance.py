@@ -456,3 +456,30 @@ async def test_dead_letters_carry_server_headers_only_under_the_original_prefix(
     assert dead[0].key == "k"
     assert dead[1].headers["Trace"] == "t2"
     assert bus.statistics().dead_lettered == 2
+
+
+async def test_a_message_over_max_payload_is_refused_at_the_call_naming_both_sizes(
+    backend: Backend, clock: object
+) -> None:
+    seen: list[int] = []
+    got = trio.Event()
+
+    async def handler(msg: keyedbus.Message) -> None:
+        seen.append(len(msg.data))
+        got.set()
+
+    data = b"x" * (1024 * 1024 - 16)  # fits alone (1 MiB, the default max_payload); not with its headers
+    with trio.fail_after(60):
+        async with backend.open() as bus:
+            await bus.subscribe("orders", handler)
+            with pytest.raises(keyedbus.MessageTooLargeError) as info:
+                await bus.publish("orders", data, key="order-1")
+            assert info.value.limit == 1024 * 1024
+            assert info.value.size > info.value.limit
+            assert str(info.value.size) in str(info.value)
+            assert str(info.value.limit) in str(info.value)
+            assert info.value.topic == "orders"
+            await bus.publish("orders", b"small", key="order-1")  # the connection is unharmed
+            await got.wait()
+            assert bus.statistics().connected
+    assert seen == [5]

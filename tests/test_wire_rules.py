@@ -255,3 +255,41 @@ async def test_a_dead_letter_over_the_servers_max_payload_is_shrunk_and_the_key_
     assert letter.data == b""
     assert letter.headers["Keyedbus-Shrunk"].startswith(f"payload of {size} bytes left out")
     assert letter.key == "k"
+
+
+async def test_replayed_dead_letters_never_carry_the_headers_the_server_acts_on(
+    nats_server: NatsServer,
+) -> None:
+    from .test_cli import cli
+
+    got: list[keyedbus.Message] = []
+    done = trio.Event()
+
+    async def failing(msg: keyedbus.Message) -> None:
+        raise RuntimeError("not yet")
+
+    async def working(msg: keyedbus.Message) -> None:
+        got.append(msg)
+        if len(got) == 2:
+            done.set()
+
+    # Valid once, for the first message of the subject; restored on a replay it would be refused (10071).
+    expect = {"Nats-Expected-Last-Subject-Sequence": "0"}
+    with trio.fail_after(60):
+        async with keyedbus.open_bus(nats_server.url, retry=keyedbus.RetryPolicy(max_attempts=1)) as bus:
+            await bus.subscribe("orders", failing)
+            await bus.publish("orders", b"m0", key="k", headers=expect)
+        replay = await cli("dead-letters", "orders", "--replay", url=nats_server.url)
+        assert replay.returncode == 0, replay.stderr
+        async with keyedbus.open_bus(nats_server.url) as bus:
+            await bus.subscribe("orders", working, group="after-replay")
+            await done.wait()
+    original, replayed = got
+    assert original.headers["Nats-Expected-Last-Subject-Sequence"] == "0"
+    assert replayed.data == b"m0"
+    assert replayed.key == "k"
+    assert "Nats-Expected-Last-Subject-Sequence" not in replayed.headers
+    assert replayed.headers["Keyedbus-Original-Nats-Expected-Last-Subject-Sequence"] == "0"
+    assert not [
+        name for name in replayed.headers if name.startswith("Keyedbus-") and "Original-Nats" not in name
+    ]
