@@ -143,6 +143,10 @@ def check_data(data: object) -> bytes:
     raise ArgumentTypeError(f"data must be bytes, got {type(data).__name__}")
 
 
+#: Header names already found valid: a program uses few and sends them over and over.
+_VALID_HEADER_NAMES: set[str] = set()
+
+
 def check_headers(headers: object) -> dict[str, str]:
     """Return a copy of `headers` as a dict after checking every name and value can travel on the wire.
 
@@ -160,8 +164,11 @@ def check_headers(headers: object) -> dict[str, str]:
             raise ArgumentTypeError(
                 f"headers must map str to str, got {type(name).__name__} {name!r}: {type(value).__name__}"
             )
-        if not _HEADER_NAME.fullmatch(name):
-            raise InvalidHeaderError(f"header name {name!r} is not allowed: {_HEADER_RULE}")
+        if name not in _VALID_HEADER_NAMES:
+            if not _HEADER_NAME.fullmatch(name):
+                raise InvalidHeaderError(f"header name {name!r} is not allowed: {_HEADER_RULE}")
+            if len(_VALID_HEADER_NAMES) < 10_000:  # bounded, whatever a program does
+                _VALID_HEADER_NAMES.add(name)
         if "\r" in value or "\n" in value:
             raise InvalidHeaderError(f"header {name!r} has a line break in its value: remove CR and LF")
         if not value.isascii() and _has_surrogate(value):
@@ -169,7 +176,7 @@ def check_headers(headers: object) -> dict[str, str]:
                 f"header {name!r} has a value that is not valid Unicode (a lone surrogate): "
                 "decode bytes with errors='strict' or 'replace' first"
             )
-        if name.lower() == _KEY_HEADER_LOWER:
+        if len(name) == len(KEY_HEADER) and name.lower() == _KEY_HEADER_LOWER:
             if KEY_HEADER in out:
                 raise InvalidHeaderError(
                     f"header {KEY_HEADER} is given twice (names differing only in case are the same "
@@ -193,7 +200,7 @@ def key_of_headers(headers: Mapping[str, str]) -> str | None:
     value = headers.get(KEY_HEADER)
     if value is None:
         for name, found in headers.items():
-            if name.lower() == _KEY_HEADER_LOWER:
+            if len(name) == len(KEY_HEADER) and name.lower() == _KEY_HEADER_LOWER:
                 value = found
                 break
     return value or None
