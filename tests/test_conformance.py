@@ -483,3 +483,30 @@ async def test_a_message_over_max_payload_is_refused_at_the_call_naming_both_siz
             await got.wait()
             assert bus.statistics().connected
     assert seen == [5]
+
+
+@pytest.mark.not_on("nats-core", reason="core NATS stores nothing: a group away gets nothing later")
+async def test_default_settings_evict_nothing_a_group_has_not_settled(
+    backend: Backend, clock: object
+) -> None:
+    seen: list[bytes] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        seen.append(msg.data)
+
+    with trio.fail_after(60):
+        async with backend.open() as bus:
+            sub = await bus.subscribe("orders", handler, group="billing")
+            await sub.unsubscribe()
+            for i in range(200):
+                await bus.publish("orders", str(i).encode(), key=f"k{i % 7}")
+            # A topic nobody has subscribed to keeps what was published, for whoever comes first.
+            for i in range(50):
+                await bus.publish("audit", str(i).encode())
+            await bus.subscribe("orders", handler, group="billing")
+            await bus.subscribe("audit", handler)
+            await wait_until_handled(bus)
+            assert bus.statistics().evicted == 0
+    assert sorted(seen) == sorted(
+        [str(i).encode() for i in range(200)] + [str(i).encode() for i in range(50)]
+    )
