@@ -379,6 +379,7 @@ class KeyedWorkerPool:
                     else:
                         if item is not None:
                             self._admit(index, item)
+                            item = None  # an idle worker keeps no message (nor its subscription) alive
             finally:
                 self._waiting[index] = None
                 if self._idle and self._idle[-1] == index:
