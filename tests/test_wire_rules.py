@@ -190,8 +190,9 @@ async def test_raw_protocol_headers_repeated_not_utf8_or_badly_named_never_park_
     assert bus.statistics().dead_lettered == 4
 
 
-async def test_hostile_envelopes_from_a_foreign_client_are_dead_lettered_on_jetstream(
-    nats_server: NatsServer,
+@pytest.mark.parametrize("persistence", ["ephemeral", "persistent"])
+async def test_hostile_envelopes_from_a_foreign_client_are_dead_lettered(
+    nats_server: NatsServer, persistence: Persistence
 ) -> None:
     base = {"aggregate_id": "k", "event_type": "T", "event_version": 1, "timestamp": "2025-10-13T00:00:00Z"}
     hostile: list[dict[str, Any]] = [
@@ -211,9 +212,13 @@ async def test_hostile_envelopes_from_a_foreign_client_are_dead_lettered_on_jets
         handled.append(env.event_type)
         got_ok.set()
 
-    ops = [{"op": "publish", "subject": "orders", "headers": {"X-Aggregate-Id": "k"}, **h} for h in hostile]
+    op = "publish" if persistence == "persistent" else "core_publish"
+    ops = [{"op": op, "subject": "orders", "headers": {"X-Aggregate-Id": "k"}, **h} for h in hostile]
     with trio.fail_after(60):
         async with keyedbus.open_bus(nats_server.url) as bus:
+            config = keyedbus.TopicConfig(persistence=persistence)
+            await bus.configure_topic("orders", config)
+            await bus.configure_topic("orders.dead-letter", config)
             await bus.subscribe_envelope("orders", on_event)
             await bus.subscribe("orders.dead-letter", dead)
             await foreign(nats_server.url, *ops)
