@@ -177,9 +177,11 @@ class Bus:
         """Publish raw bytes; messages with the same `key` are handled in publish order.
 
         Returns once the broker has stored the message (persistent topics) or sent it (ephemeral). A message
-        published again with the same `message_id` is stored once. On a full memory topic it waits for room.
-        Raises an InvalidTopicError, InvalidKeyError or ArgumentTypeError for bad arguments, and
-        BusClosedError once the bus is closed. If cancelled, the message may or may not have been stored:
+        published again with the same `message_id` is stored once. On a memory topic at its default bound it
+        waits while a subscriber can make room, else raises TopicFullError at once (docs/semantics.md, "Limits
+        and retention"). Raises an InvalidTopicError, InvalidKeyError, InvalidHeaderError or ArgumentTypeError
+        for bad arguments, MessageTooLargeError for a message over max_payload (payload plus encoded headers),
+        and BusClosedError once the bus is closed. If cancelled, the message may or may not have been stored:
         publish it again with the same `message_id` to be sure it is stored exactly once.
         """
         await self._backend.publish(self._prepare(topic, data, key, headers, message_id))

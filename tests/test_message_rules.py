@@ -406,3 +406,16 @@ def test_shrinking_keeps_keyedbus_headers_when_the_original_headers_alone_are_to
     )
     assert "the original's headers left out" in out["Keyedbus-Shrunk"]
     assert wire_size(data, out, "m") <= 1000
+
+
+async def test_an_empty_key_header_is_keyless_on_memory_too(autojump_clock: object) -> None:
+    seen: list[keyedbus.Message] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        seen.append(msg)
+
+    async with keyedbus.open_bus() as bus:
+        await bus.subscribe("orders", handler)
+        await bus.publish("orders", b"x", headers={"X-Aggregate-Id": ""})
+    assert seen[0].key is None
+    assert not [name for name in seen[0].headers if name.lower() == "x-aggregate-id"]
