@@ -255,7 +255,9 @@ def header_problem(headers: Mapping[str, str]) -> str | None:
     """
     for name, value in headers.items():
         if not value.isascii() and _has_surrogate(value):
-            return f"InvalidHeaderError: header {name!r} is not valid UTF-8"
+            return f"InvalidHeaderError: header {_sendable_value(name)!r} is not valid UTF-8"
+        if not name.isascii() and _has_surrogate(name):
+            return f"InvalidHeaderError: header name {_sendable_value(name)!r} is not valid UTF-8"
     return None
 
 

@@ -160,10 +160,11 @@ async def test_raw_protocol_headers_repeated_not_utf8_or_badly_named_never_park_
         ([b"X-Aggregate-ID: k", b"X-Bad: caf\xe9"], b"not-utf8"),
         ([b"X-Aggregate-ID: k", b"X(odd): 1", b"a/b: 2"], b"fail-badly-named"),
         ([b"X-Aggregate-ID: a", b"X-Aggregate-Id: b"], b"two-keys"),
+        ([b"X-Aggregate-ID: k", b"N\xe4me: 1"], b"name-not-utf8"),
         ([b"X-Aggregate-ID: k"], b"last"),
     ]
     handled = Recorder(4, fail_on=b"fail-")
-    dead = Recorder(4)
+    dead = Recorder(5)
     with trio.fail_after(60):
         async with keyedbus.open_bus(nats_server.url, retry=keyedbus.RetryPolicy(max_attempts=1)) as bus:
             config = keyedbus.TopicConfig(persistence=persistence)
@@ -179,7 +180,11 @@ async def test_raw_protocol_headers_repeated_not_utf8_or_badly_named_never_park_
     assert by_data[b"repeated"].headers["X-Tag"] == "a, b"
     assert [m.data for m in handled.seen] == [b"repeated", b"fail-repeated", b"fail-badly-named", b"last"]
     letters = {m.data: m.headers for m in dead.seen}
-    assert set(letters) == {b"fail-repeated", b"not-utf8", b"fail-badly-named", b"two-keys"}
+    assert set(letters) == {b"fail-repeated", b"not-utf8", b"fail-badly-named", b"two-keys", b"name-not-utf8"}
+    assert letters[b"name-not-utf8"]["Keyedbus-Error"] == (
+        "InvalidHeaderError: header name 'N\ufffdme' is not valid UTF-8"
+    )
+    assert letters[b"name-not-utf8"]["Keyedbus-Original-N%DCE4me"] == "1"
     assert letters[b"fail-repeated"]["X-Tag"] == "a, b"
     assert letters[b"not-utf8"]["Keyedbus-Error"] == "InvalidHeaderError: header 'X-Bad' is not valid UTF-8"
     assert letters[b"not-utf8"]["X-Bad"] == "caf\ufffd"
@@ -187,7 +192,7 @@ async def test_raw_protocol_headers_repeated_not_utf8_or_badly_named_never_park_
     assert letters[b"fail-badly-named"]["Keyedbus-Original-X%28odd%29"] == "1"
     assert letters[b"fail-badly-named"]["Keyedbus-Original-a%2Fb"] == "2"
     assert "is repeated in the message" in letters[b"two-keys"]["Keyedbus-Error"]
-    assert bus.statistics().dead_lettered == 4
+    assert bus.statistics().dead_lettered == 5
 
 
 @pytest.mark.parametrize("persistence", ["ephemeral", "persistent"])
