@@ -6,6 +6,7 @@ from typing import Any, Protocol, final, runtime_checkable
 
 from ._errors import KeyedBusError
 from ._messages import Message
+from ._util import NoPublicConstructor
 
 __all__ = ["Admin", "AdminBackend"]
 
@@ -35,7 +36,7 @@ class AdminBackend(Protocol):
 
 
 @final
-class Admin:
+class Admin(metaclass=NoPublicConstructor):
     """Operator commands on the bus's broker: `Bus.admin`. NATS only; memory:// raises KeyedBusError."""
 
     __slots__ = ("_backend", "_url")

@@ -40,6 +40,7 @@ from ._pool import KeyedWorkerPool
 from ._runtime import import_nats_backend, require_trio
 from ._statistics import BusStatistics, Counters
 from ._subscription import Registry, State, Subscription
+from ._util import NoPublicConstructor
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -61,7 +62,7 @@ def _group_name(group: object) -> str:
 
 
 @final
-class Bus:
+class Bus(metaclass=NoPublicConstructor):
     """An open event bus: publish, subscribe, statistics. Only `open_bus` creates one."""
 
     def __init__(
@@ -95,7 +96,7 @@ class Bus:
     @property
     def admin(self) -> Admin:
         """Operator commands on the broker (stream and consumer state, stored messages); NATS only."""
-        return Admin(self._backend, self._url)
+        return Admin._create(self._backend, self._url)
 
     @property
     def state(self) -> State:
@@ -326,7 +327,7 @@ class Bus:
         except BaseException:
             del self._subscriptions[slot]
             raise
-        subscription = Subscription(consumer, backend_sub, self._pool, self._registry)
+        subscription = Subscription._create(consumer, backend_sub, self._pool, self._registry)
         self._subscriptions[slot] = subscription
         return subscription
 
@@ -462,7 +463,7 @@ async def open_bus(
                 stack.push_async_callback(backend.aclose)
                 worker_pool = KeyedWorkerPool(pool, counters)
                 worker_pool.start(nursery)
-                bus = Bus(
+                bus = Bus._create(
                     backend,
                     worker_pool,
                     counters,

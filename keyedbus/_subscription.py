@@ -10,6 +10,7 @@ import trio
 from ._backends._base import BackendSubscription
 from ._consumer import Consumer
 from ._pool import KeyedWorkerPool
+from ._util import NoPublicConstructor
 
 __all__ = ["HAND_BACK_TIMEOUT", "Registry", "State", "Subscription"]
 
@@ -37,7 +38,7 @@ class Registry:
 
 
 @final
-class Subscription:
+class Subscription(metaclass=NoPublicConstructor):
     """A live subscription, returned by `Bus.subscribe` and `Bus.subscribe_envelope`."""
 
     __slots__ = ("_backend_sub", "_consumer", "_pool", "_registry", "_state")

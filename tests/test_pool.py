@@ -475,3 +475,27 @@ async def test_nothing_of_a_message_stays_alive_once_it_is_handled(autojump_cloc
         # No lane, parked state or message is kept (an idle worker once held its last message).
         left = [o for o in gc.get_objects() if isinstance(o, AggregateMessage)]
         assert not [o for o in left if o.delivery.message.topic == "freed"]
+
+
+def test_bus_and_subscription_have_no_public_constructor() -> None:
+    with pytest.raises(
+        TypeError, match=r"^keyedbus\.Bus has no public constructor: use keyedbus\.open_bus\(\)$"
+    ):
+        keyedbus.Bus()  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"^keyedbus\.Subscription has no public constructor"):
+        keyedbus.Subscription()  # type: ignore[call-arg]
+
+
+async def test_a_decoder_raising_any_exception_type_dead_letters_the_message(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: object
+) -> None:
+    def broken(data: bytes) -> keyedbus.Envelope:
+        raise OverflowError("int too large to convert")
+
+    monkeypatch.setattr(keyedbus.Envelope, "decode", staticmethod(broken))
+    async with keyedbus.open_bus() as bus:
+        await bus.subscribe_envelope("orders", noop)  # type: ignore[arg-type]
+        dead = await _collect_dead(bus)
+        await bus.publish("orders", b"{}", key="k")  # returns: the subscription task decodes, not publish
+        await wait_until_handled(bus)
+    assert [m.headers["Keyedbus-Error"] for m in dead] == ["OverflowError: int too large to convert"]
