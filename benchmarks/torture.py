@@ -298,7 +298,12 @@ async def publish_all(
                     try:
                         await bus.publish(TOPIC, f"{key} {seq}".encode(), key=key, message_id=f"{key}-{seq}")
                         break
-                    except keyedbus.PublishError:
+                    except (keyedbus.PublishError, keyedbus.ConnectionFailedError):
+                        await trio.sleep(0.2)
+                    except keyedbus.KeyedBusError as exc:
+                        # A cluster electing a new stream leader: the stream lookup times out for a moment.
+                        if "did not answer in time" not in str(exc):
+                            raise
                         await trio.sleep(0.2)
                 write(f"P {key} {seq}\n")
 
@@ -311,7 +316,14 @@ async def publish_all(
 
 
 def _spawn_consumer(
-    url: str, workdir: Path, index: int, seed: int, ack_wait: float, *, partitions: int | None = None
+    url: str,
+    workdir: Path,
+    index: int,
+    seed: int,
+    ack_wait: float,
+    *,
+    partitions: int | None = None,
+    replicas: int = 1,
 ) -> subprocess.Popen[bytes]:
     """Start a consumer process and wait until it has subscribed. With `partitions` it is one member of a
     group sharing a topic of that many partitions (record ``member-<index>.log``)."""
@@ -328,7 +340,7 @@ def _spawn_consumer(
         str(ack_wait),
     ]
     if partitions is not None:
-        command += ["--partitions", str(partitions)]
+        command += ["--partitions", str(partitions), "--replicas", str(replicas)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE)
     assert process.stdout is not None
     line = process.stdout.readline()  # "ready" once subscribed
@@ -338,7 +350,9 @@ def _spawn_consumer(
     return process
 
 
-async def consume(url: str, record: Path, seed: int, ack_wait: float, partitions: int | None = None) -> None:
+async def consume(
+    url: str, record: Path, seed: int, ack_wait: float, partitions: int | None = None, replicas: int = 1
+) -> None:
     """One consumer process: subscribe, print "ready", run until SIGTERM, then drain and exit.
 
     With `partitions`, TOPIC is configured with that many partitions, and each change of the partitions
@@ -360,14 +374,14 @@ async def consume(url: str, record: Path, seed: int, ack_wait: float, partitions
         write(f"D {key} {seq}\n")
 
     pool = keyedbus.PoolConfig(workers=64, queue_size=100, handler_timeout=HANDLER_TIMEOUT)
-    topic = keyedbus.TopicConfig(ack_wait=ack_wait)
+    topic = keyedbus.TopicConfig(ack_wait=ack_wait, replicas=replicas)
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async with keyedbus.open_bus(
             url, pool=pool, retry=RETRY, default_topic=topic, drain_timeout=60
         ) as bus:
             if partitions is not None:
                 await bus.configure_topic(
-                    TOPIC, keyedbus.TopicConfig(ack_wait=ack_wait, partitions=partitions)
+                    TOPIC, keyedbus.TopicConfig(ack_wait=ack_wait, partitions=partitions, replicas=replicas)
                 )
             await bus.subscribe(TOPIC, make_handler(Faults(seed=seed), write), group="torture")
             await bus.subscribe(DEAD_LETTERS, on_dead, group="torture")
@@ -457,6 +471,8 @@ class ScaleOut:
     join: bool = True
     leave: bool = True
     ack_wait: float = 3.0
+    #: Stream replicas (3 on a 3-node cluster).
+    replicas: int = 1
     seed: int = 1
     #: Seconds the run may take before it gives up (the caller's own bound may be shorter).
     time_limit: float = 600.0
@@ -509,16 +525,28 @@ def balanced_since(records: list[list[tuple[int, frozenset[int]]]], partitions: 
 
 
 async def run_scaleout(
-    plan: ScaleOut, url: str, workdir: Path, *, log: Callable[[str], None] = print
+    plan: ScaleOut,
+    url: str,
+    workdir: Path,
+    *,
+    log: Callable[[str], None] = print,
+    faults: Iterable[tuple[float, Callable[[], Awaitable[None]]]] = (),
 ) -> ScaleOutResult:
     """Members of group "torture" read TOPIC (`plan.partitions` partitions) while it is published; one is
-    SIGKILLed mid-stream, one joins late, one leaves cleanly; then the records are checked."""
+    SIGKILLed mid-stream, one joins late, one leaves cleanly; then the records are checked.
+
+    `faults` are more events: (share of messages finished, what to do then), e.g. killing a server.
+    """
     rng = random.Random(plan.seed)
     keys = _keys(plan.keys)
     per_key = plan.messages // len(keys)
     total = per_key * len(keys)
+    actions = dict(enumerate(f for _, f in faults))
     events = sorted(
-        [(0.25, "kill")] * plan.kill + [(0.45, "join")] * plan.join + [(0.65, "leave")] * plan.leave
+        [(0.25, "kill")] * plan.kill
+        + [(0.45, "join")] * plan.join
+        + [(0.65, "leave")] * plan.leave
+        + [(share, f"fault {i}") for i, (share, _) in enumerate(faults)]
     )
     started = time.monotonic()
     live: dict[int, subprocess.Popen[bytes]] = {}
@@ -528,7 +556,7 @@ async def run_scaleout(
     def spawn() -> None:
         index = len(list(workdir.glob("member-*.log")))
         live[index] = _spawn_consumer(
-            url, workdir, index, plan.seed, plan.ack_wait, partitions=plan.partitions
+            url, workdir, index, plan.seed, plan.ack_wait, partitions=plan.partitions, replicas=plan.replicas
         )
 
     def reader_of_most() -> int:
@@ -568,6 +596,10 @@ async def run_scaleout(
                         if plan.restart:
                             await trio.to_thread.run_sync(spawn)
                             log(f"  member {max(live)} started in its place")
+                    elif what.startswith("fault"):
+                        log(f"  {what} at {done}/{total} finished")
+                        await actions[int(what.split()[1])]()
+                        continue  # not a membership change
                     elif what == "join":
                         await trio.to_thread.run_sync(spawn)
                         log(f"  member {max(live)} joins at {done}/{total} finished")
@@ -708,6 +740,7 @@ def main() -> None:
         parser.add_argument("--seed", type=int, default=1)
         parser.add_argument("--ack-wait", type=float, default=3.0)
         parser.add_argument("--partitions", type=int, default=None)
+        parser.add_argument("--replicas", type=int, default=1)
         args = parser.parse_args(sys.argv[2:])
         logging.getLogger("keyedbus").setLevel(logging.CRITICAL)
         if os.environ.get("KEYEDBUS_TORTURE_LOG"):  # debugging a run: each consumer's log next to its record
@@ -715,7 +748,7 @@ def main() -> None:
             logging.basicConfig(
                 filename=f"{args.record}.txt", level=logging.INFO, format="%(asctime)s %(message)s"
             )
-        trio.run(consume, args.url, args.record, args.seed, args.ack_wait, args.partitions)
+        trio.run(consume, args.url, args.record, args.seed, args.ack_wait, args.partitions, args.replicas)
         return
     if len(sys.argv) > 1 and sys.argv[1] == "check":
         report = check_workdir(Path(sys.argv[2]))

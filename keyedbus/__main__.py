@@ -345,6 +345,8 @@ async def _stats(bus: Bus, args: argparse.Namespace) -> int:
     busiest = sorted(consumers, key=lambda c: (-(c["lag"] + c["unacked"]), c["consumer"]))
     for c in busiest[:_SHOWN_GROUPS]:
         name = c["group"] if c["group"] is not None else f"(consumer {c['consumer']})"
+        if c.get("partition") is not None:
+            name += f" partition {c['partition']}"
         print(
             f"  {name}: lag {c['lag']}, unacked {c['unacked']}, redelivered {c['redelivered']}, "
             f"ack floor {c['ack_floor']}"

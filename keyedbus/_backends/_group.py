@@ -134,7 +134,10 @@ class GroupSubscription:
         """One heartbeat: write our record, read the group's, take our share, claim what we now own."""
         members = tuple(await self.membership.beat(self.owned))
         target = tuple(_scaleout.assigned(self.membership.member, members, self.count))
+        changed = target != self.owned
         self._own(target, members)
+        if changed:
+            await self.membership.beat(self.owned)  # the record says at once what this process reads
         await self._claim()
 
     def _own(self, target: tuple[int, ...], members: tuple[str, ...]) -> None:

@@ -206,15 +206,27 @@ async def open_bucket(js: Any) -> Any:
         return await js.key_value(MEMBER_BUCKET)
     except nats.js.errors.BucketNotFoundError:
         pass
-    try:
-        return await js.create_key_value(
-            bucket=MEMBER_BUCKET,
-            description="keyedbus: one heartbeat record per member process of each (topic, group)",
-            history=1,
-            ttl=MEMBER_TTL,
-        )
-    except nats.js.errors.BadRequestError:  # created by another member meanwhile
-        return await js.key_value(MEMBER_BUCKET)
+    # Three replicas where the server is part of a cluster (so membership survives a server), else one.
+    for replicas in (3, 1):
+        try:
+            return await js.create_key_value(
+                bucket=MEMBER_BUCKET,
+                description="keyedbus: one heartbeat record per member process of each (topic, group)",
+                history=1,
+                ttl=MEMBER_TTL,
+                replicas=replicas,
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _STREAM_NAME_IN_USE:  # created by another member meanwhile
+                break
+            if replicas == 1:
+                raise
+            # 10074 and the like: not clustered, or fewer than three servers.
+    return await js.key_value(MEMBER_BUCKET)
+
+
+#: JetStream's error code for "stream name already in use with a different configuration".
+_STREAM_NAME_IN_USE = 10058
 
 
 async def _aio_members(js: Any, group_key: str) -> list[str]:
