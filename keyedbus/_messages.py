@@ -28,6 +28,7 @@ __all__ = [
     "ORIGINAL_PREFIX",
     "ORIGINAL_TOPIC_HEADER",
     "REWRITTEN_HEADER",
+    "SHRUNK_HEADER",
     "AggregateMessage",
     "Envelope",
     "Message",
@@ -61,13 +62,14 @@ ORIGINAL_TOPIC_HEADER = "Keyedbus-Original-Topic"
 ORIGINAL_PREFIX = "Keyedbus-Original-"
 #: Lists the headers of a dead letter that had to be renamed, re-encoded or dropped to be sent again.
 REWRITTEN_HEADER = "Keyedbus-Rewritten-Headers"
+#: Says what a dead letter left out to fit the broker's max_payload.
+SHRUNK_HEADER = "Keyedbus-Shrunk"
 #: Headers nats-server acts on when a message is published (Nats-Expected-*, Nats-Msg-Id, Nats-Rollup,
 #: Nats-TTL, Nats-Batch-*, ...): every name under this prefix, so later servers' headers are covered too.
 _SERVER_PREFIX = "nats-"
 #: Headers keyedbus writes on a dead letter (dropped again when it is replayed).
 _DEAD_LETTER_OWN = frozenset(
-    n.lower()
-    for n in (ERROR_HEADER, ATTEMPTS_HEADER, ORIGINAL_TOPIC_HEADER, REWRITTEN_HEADER, "Keyedbus-Shrunk")
+    n.lower() for n in (ERROR_HEADER, ATTEMPTS_HEADER, ORIGINAL_TOPIC_HEADER, REWRITTEN_HEADER, SHRUNK_HEADER)
 )
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
@@ -320,8 +322,6 @@ def dead_letter_headers(
     return out
 
 
-#: Says what a dead letter left out to fit the broker's max_payload.
-SHRUNK_HEADER = "Keyedbus-Shrunk"
 _SHORT_ERROR = 200
 
 
