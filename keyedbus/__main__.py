@@ -266,10 +266,6 @@ def _message_json(msg: Message) -> dict[str, Any]:
 
 
 async def _tail(bus: Bus, args: argparse.Namespace) -> int:
-    if args.group is None:
-        # Watch without consuming: a plain NATS subscription to the subject sees what is published to a
-        # persistent topic too, creates nothing on the server and acks nothing.
-        await bus.configure_topic(args.topic, TopicConfig(persistence="ephemeral"))
     seen = 0
     done = trio.Event()
     handing_back = trio.Event()
@@ -281,19 +277,12 @@ async def _tail(bus: Bus, args: argparse.Namespace) -> int:
         if args.count is not None and seen >= args.count:
             done.set()
 
-    async def on_message(msg: Message) -> None:
-        if done.is_set():
-            # Past --count. Watching: just do not print it. As a group: do not ack it either. A handler
-            # that fails once its subscription is unsubscribed hands its message back to the group.
-            if args.group is not None:
-                await handing_back.wait()
-                raise _PastCount
-            return
+    def show(msg: Message) -> None:
         if not args.envelope:
             emit(json.dumps(_message_json(msg)) if args.json else f"{msg.key or '-'}\t{_text(msg.data)}")
             return
         # Decoded here, not by subscribe_envelope: a message that is not an envelope is printed, never
-        # dead-lettered (watching must not change the topic).
+        # dead-lettered (tail must not change the topic).
         try:
             env = Envelope.decode(msg.data)
         except InvalidEnvelopeError as exc:
@@ -305,23 +294,40 @@ async def _tail(bus: Bus, args: argparse.Namespace) -> int:
             return
         emit(env.encode().decode() if args.json else f"{env.aggregate_id}\t{env.event_type}\t{env.payload}")
 
-    subscription = await bus.subscribe(args.topic, on_message, group=args.group)
+    deadline = trio.current_time() + (args.timeout if args.timeout is not None else math.inf)
     if args.group is None:
-        print(f"tailing {args.topic} on {bus.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
-    else:
-        print(
-            f"tailing {args.topic} on {bus.url} as group {args.group}: consuming, each message is acked and "
-            f"group {args.group} will not get it again (Ctrl-C to stop)",
-            file=sys.stderr,
-            flush=True,
-        )
-    with trio.move_on_after(args.timeout if args.timeout is not None else math.inf):
+        # Watch without consuming: a plain subscription to the topic's subjects (partitions included)
+        # sees what is published, persistent or not; it creates nothing on the server and acks nothing.
+        async with bus.admin.watch(args.topic) as messages:
+            print(f"tailing {args.topic} on {bus.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+            with trio.move_on_at(deadline):
+                async for msg in messages:
+                    show(msg)
+                    if done.is_set():
+                        break
+        return 0
+
+    async def on_message(msg: Message) -> None:
+        if done.is_set():
+            # Past --count: do not ack it. A handler that fails once its subscription is unsubscribed
+            # hands its message back to the group.
+            await handing_back.wait()
+            raise _PastCount
+        show(msg)
+
+    subscription = await bus.subscribe(args.topic, on_message, group=args.group)
+    print(
+        f"tailing {args.topic} on {bus.url} as group {args.group}: consuming, each message is acked and "
+        f"group {args.group} will not get it again (Ctrl-C to stop)",
+        file=sys.stderr,
+        flush=True,
+    )
+    with trio.move_on_at(deadline):
         await done.wait()
-    if args.group is not None:
-        # No checkpoint between these two lines: unsubscribe() marks the subscription stopped before
-        # the woken handlers run, so their failure hands the messages back instead of retrying them.
-        handing_back.set()
-        await subscription.unsubscribe()
+    # No checkpoint between these two lines: unsubscribe() marks the subscription stopped before the woken
+    # handlers run, so their failure hands the messages back instead of retrying them.
+    handing_back.set()
+    await subscription.unsubscribe()
     return 0
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, final, runtime_checkable
+
+import trio
 
 from ._errors import KeyedBusError
 from ._messages import Message
@@ -25,6 +28,10 @@ class AdminBackend(Protocol):
 
     async def delete_group(self, topic: str, group: str) -> bool:
         """Delete the durable consumer of (topic, group) and so its position; False if there is none."""
+        ...
+
+    def watch(self, topic: str) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Message]]:
+        """Messages published to `topic` from now on, without consuming: nothing created, nothing acked."""
         ...
 
     async def delete_stored(self, topic: str, seq: int) -> None:
@@ -64,6 +71,12 @@ class Admin(metaclass=NoPublicConstructor):
     async def delete_group(self, topic: str, group: str) -> bool:
         """Delete the durable consumer of (topic, group) and so its position; False if there is none."""
         return await self._nats("deleting a group").delete_group(topic, group)
+
+    def watch(self, topic: str) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Message]]:
+        """`async with admin.watch(topic) as messages:` the messages published to `topic` from now on,
+        persistent or not, every partition included, without consuming them: nothing is created on the
+        server and nothing is acked (a plain NATS subscription to the topic's subjects)."""
+        return self._nats("watching a topic").watch(topic)
 
     async def delete_stored(self, topic: str, seq: int) -> None:
         """Remove one stored message (a replayed dead letter) from a persistent topic's stream."""

@@ -400,3 +400,28 @@ async def test_tail_as_a_group_says_it_consumes_then_groups_lists_and_deletes_it
     assert _one_line_error(again) == "keyedbus: error: topic orders has no group audit"
     assert after.stdout == b""
     assert after.stderr == b"0 group(s) on orders\n"
+
+
+@pytest.mark.nats
+async def test_tail_without_a_group_sees_every_partition_and_no_other_topic(nats_server: NatsServer) -> None:
+    keys = [f"order-{n}" for n in range(6)]
+    with trio.fail_after(60):
+        async with keyedbus.open_bus(nats_server.url) as bus:
+            await bus.configure_topic("orders", keyedbus.TopicConfig(partitions=3))
+            await bus.publish("orders", b"before", key="order-0")  # the stream exists before tail starts
+        async with trio.open_nursery() as nursery:
+            tail = await _start_tail(nursery, nats_server.url, "orders", "--count", str(len(keys)))
+            assert tail.stderr is not None
+            assert tail.stdout is not None
+            said = await _read_until(tail.stderr, b"tailing")
+            async with keyedbus.open_bus(nats_server.url) as bus:
+                await bus.publish("orders.other", b"not this topic", key="x")  # one token below: filtered
+                for key in keys:
+                    await bus.publish("orders", key.encode(), key=key)
+            out = b""
+            async for chunk in tail.stdout:
+                out += chunk
+        state = await cli("stats", "orders", "--json", url=nats_server.url)
+    assert tail.returncode == 0, said
+    assert sorted(out.decode().splitlines()) == sorted(f"{key}\t{key}" for key in keys)
+    assert json.loads(state.stdout)["consumers"] == []  # watching created nothing

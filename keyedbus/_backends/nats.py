@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
@@ -342,6 +344,42 @@ class NatsBackend:
                 if raw.subject == topic  # a shared stream (an operator's `billing.>`) holds other topics
             ]
         return found
+
+    @contextlib.asynccontextmanager
+    async def watch(self, topic: str) -> AsyncIterator[trio.MemoryReceiveChannel[Message]]:
+        """Yield a channel of the messages published to `topic` from now on, persistent or not, every
+        partition included, until the block is left.
+
+        A plain subscription to the topic's subjects (the topic, and ``<topic>.~<n>`` where a partitioned
+        topic stores its messages, see docs/scaling.md): nothing is created on the server, nothing is acked,
+        leaving unsubscribes. A reader slower than the publishers loses messages past nats-py's buffer
+        (logged as a slow consumer).
+        """
+        # nats-py takes no "~*" token, so partitions come through "<topic>.*", filtered here (other topics
+        # one token below this one are not this topic's messages).
+        partition = re.compile(re.escape(topic) + r"\.~[0-9]+")
+        subjects = [topic, f"{topic}.*"]
+        subs = [await trio_asyncio.aio_as_trio(self.aio_core_subscribe)(subject, "") for subject in subjects]
+        send, receive = trio.open_memory_channel[Message](_BATCH)
+
+        async def pump(sub: Any, wildcard: bool) -> None:
+            while True:
+                batch = await trio_asyncio.aio_as_trio(_natspy.take)(sub, _BATCH)
+                for raw in batch:
+                    if not wildcard or partition.fullmatch(raw.subject):
+                        await send.send(message_from(topic, raw.data, raw.headers, 1))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for sub, subject in zip(subs, subjects, strict=True):
+                    nursery.start_soon(pump, sub, subject != topic)
+                yield receive
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                for sub in subs:
+                    with contextlib.suppress(Exception):  # the connection may be gone: so is the interest
+                        await trio_asyncio.aio_as_trio(sub.unsubscribe)()
 
     async def delete_group(self, topic: str, group: str) -> bool:
         """Delete the durable consumers of (topic, group) (one per partition), and so its position; False if
