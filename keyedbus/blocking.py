@@ -11,6 +11,8 @@ propagates as itself once the portal's thread has stopped.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -33,6 +35,8 @@ from ._statistics import BusStatistics
 from ._subscription import Subscription
 
 __all__ = ["BlockingBus", "BlockingSubscription", "open_bus"]
+
+_CLOSED = "this blocking bus is closed: use it inside its 'with keyedbus.blocking.open_bus()' block"
 
 M = TypeVar("M", Message, Envelope)
 R = TypeVar("R")
@@ -74,9 +78,13 @@ class _Opened:
     async def run(self, function: Callable[[], Awaitable[R]]) -> R:
         """Run `function()` in a task that has the bus's context, and return its outcome."""
         request = _Request(function, self.context)
-        await self.requests.send(request)
+        try:
+            await self.requests.send(request)
+        except trio.ClosedResourceError:
+            raise BusClosedError(_CLOSED) from None
         await request.done.wait()
-        assert request.result is not None
+        if request.result is None:  # cancelled: the bus closed with the call still waiting
+            raise BusClosedError(_CLOSED)
         return request.result.unwrap()  # type: ignore[no-any-return]
 
 
@@ -88,8 +96,14 @@ class _Request:
     done: trio.Event = attrs.Factory(trio.Event)
 
     async def run(self) -> None:
-        self.result = await outcome.acapture(self.function)
-        self.done.set()
+        try:
+            value = await self.function()
+        except Exception as exc:  # the caller's to see; Cancelled and KeyboardInterrupt propagate here
+            self.result = outcome.Error(exc)
+        else:
+            self.result = outcome.Value(value)
+        finally:
+            self.done.set()
 
 
 async def _serve(requests: trio.MemoryReceiveChannel[_Request]) -> None:
@@ -123,9 +137,7 @@ class _Portal:
 
     def _check_open(self) -> None:
         if self.closed:
-            raise BusClosedError(
-                "this blocking bus is closed: use it inside its 'with keyedbus.blocking.open_bus()' block"
-            )
+            raise BusClosedError(_CLOSED)
 
 
 @final
@@ -298,4 +310,8 @@ def open_bus(
             if calls is not None:
                 calls.closed = True
             portal.call(send.aclose)
-            served.result()
+            # The bus has closed (drained or cancelled): a call still running can only wait for a broker
+            # that is gone. Cancelling it makes its caller raise BusClosedError instead of hanging.
+            served.cancel()
+            with contextlib.suppress(concurrent.futures.CancelledError):
+                served.result()
