@@ -303,3 +303,20 @@ async def test_replayed_dead_letters_never_carry_the_headers_the_server_acts_on(
     assert not [
         name for name in replayed.headers if name.startswith("Keyedbus-") and "Original-Nats" not in name
     ]
+
+
+def test_headers_of_messages_read_back_by_sequence_are_parsed_like_delivered_ones() -> None:
+    import base64
+    from types import SimpleNamespace
+
+    from keyedbus._backends import _natspy
+    from keyedbus._messages import parse_header_lines
+
+    block = b"NATS/1.0\r\nX-Aggregate-Id: k\r\nX-Tag: caf\xc3\xa9\r\nX-Tag: b\r\nX-Bad: \xff\r\n\r\n"
+    raw = SimpleNamespace(hdrs=base64.b64encode(block).decode(), headers={"X-Tag": object()})
+    assert _natspy.stored_headers(raw, parse_header_lines) == {
+        "X-Aggregate-ID": "k",
+        "X-Tag": "café, b",
+        "X-Bad": "\udcff",
+    }
+    assert _natspy.stored_headers(SimpleNamespace(hdrs=None), parse_header_lines) is None

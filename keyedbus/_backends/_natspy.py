@@ -10,6 +10,7 @@ instead of a strange one.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Callable
 from importlib import metadata
@@ -30,6 +31,7 @@ __all__ = [
     "is_data",
     "request_pull",
     "status_of",
+    "stored_headers",
     "subscription_id",
     "take",
     "take_nowait",
@@ -122,6 +124,20 @@ def install_header_parser(client: Any, parse: Callable[[bytes], dict[str, str]])
             f"pip install 'nats-py{SUPPORTED}'"
         )
     client._parse_header_lines = parse
+
+
+def stored_headers(raw_msg: Any, parse: Callable[[bytes], dict[str, str]]) -> dict[str, str] | None:
+    """The headers of a message read by `JetStreamManager.get_msg`, parsed with `parse`.
+
+    nats-py parses those with `email.parser`: a non-ASCII value comes back as an `email.header.Header`
+    object (not a str) and a repeated header keeps one value. The raw block stays in `hdrs` (base64).
+    """
+    hdrs = getattr(raw_msg, "hdrs", None)
+    if not hdrs:
+        return None
+    block = base64.b64decode(hdrs)
+    _, _, lines = block.partition(b"\r\n")  # after "NATS/1.0"
+    return parse(lines) or None
 
 
 def subscription_id(sub: Any) -> int:

@@ -30,7 +30,7 @@ import trio
 import trio_asyncio
 
 from .._config import TopicConfig
-from .._messages import Message
+from .._messages import Message, parse_header_lines
 from . import _natspy, _scaleout
 from ._base import Inbox
 from ._connection import NatsConnection, message_from
@@ -702,6 +702,7 @@ async def aio_get_messages(js: Any, stream: str, seqs: Iterable[int]) -> list[tu
             continue
         if isinstance(result, BaseException):
             raise result
+        result.headers = _natspy.stored_headers(result, parse_header_lines)  # not nats-py's email parsing
         found.append((seq, result))
     return found
 
