@@ -358,15 +358,20 @@ def replay_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The headers to publish a dead letter back with: keyedbus's own and the server's dropped.
 
     What the original carried for the server stays under ``Keyedbus-Original-`` (restoring
-    ``Nats-Expected-*`` would make the replay fail the same way); the key is passed separately.
+    ``Nats-Expected-*`` would make the replay fail the same way); the key is passed separately. Whatever
+    else a dead-letter topic holds is made sendable as `dead_letter_headers` does (a name NATS refuses goes
+    %-encoded under ``Keyedbus-Original-``, bytes that are not UTF-8 become U+FFFD).
     """
-    return {
-        name: value
-        for name, value in headers.items()
-        if (lower := name.lower()) not in _DEAD_LETTER_OWN
-        and lower != _KEY_HEADER_LOWER
-        and not lower.startswith(_SERVER_PREFIX)
-    }
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in _DEAD_LETTER_OWN or lower == _KEY_HEADER_LOWER or lower.startswith(_SERVER_PREFIX):
+            continue
+        if _HEADER_NAME.fullmatch(name):
+            out[name] = _sendable_value(value)
+        elif name:
+            out[ORIGINAL_PREFIX + _sendable_name(name)] = _sendable_value(value)
+    return out
 
 
 def _header_text(text: str) -> str:

@@ -419,3 +419,9 @@ async def test_an_empty_key_header_is_keyless_on_memory_too(autojump_clock: obje
         await bus.publish("orders", b"x", headers={"X-Aggregate-Id": ""})
     assert seen[0].key is None
     assert not [name for name in seen[0].headers if name.lower() == "x-aggregate-id"]
+
+
+def test_replay_headers_are_sendable_whatever_a_dead_letter_topic_holds() -> None:
+    out = replay_headers({"X(odd)": "1", "Bad": "caf\udce9", "Fine": "v"})
+    assert out == {"Keyedbus-Original-X%28odd%29": "1", "Bad": "caf\ufffd", "Fine": "v"}
+    keyedbus._messages.check_headers(out)
