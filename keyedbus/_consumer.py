@@ -4,7 +4,7 @@ A backend runs one subscription task per subscription (every backend, memory:// 
 messages from the broker and calls `deliver`, which builds each `AggregateMessage` (its key, the handler's
 decoded argument, or the reason it must be dead-lettered) and **sends it into its worker's memory channel**,
 waiting for room inside a cancel scope of `wait_timeout`. The publisher's task never runs any of this.
-The pool's executors later call `handle` (the user's handler) and `dead_letter`.
+The pool's workers later call `handle` (the user's handler) and `dead_letter`.
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ class Consumer(Generic[T]):
                     key = envelope.aggregate_id
         return key, value, reason
 
-    # -- Consumer: called by the pool's executors ---------------------------------------------------------
+    # -- Consumer: called by the pool's workers -----------------------------------------------------------
 
     async def handle(self, item: AggregateMessage) -> None:
         """Run the handler once for `item`; raises what it raises."""
