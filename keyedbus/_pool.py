@@ -143,7 +143,8 @@ class KeyedWorkerPool:
         #: Per worker: where it waits (_CHANNEL, _LOT), or None while it works.
         self._waiting: list[str | None] = [None] * workers
         self._lots = [trio.lowlevel.ParkingLot() for _ in range(workers)]
-        self._idle: list[int] = []  # workers waiting, most recent last
+        #: Workers waiting, most recent last (a dict as an ordered set: O(1) removal of any of them).
+        self._idle: dict[int, None] = {}
         #: Channels with messages waiting while their worker is busy: any idle worker takes them.
         self._stealable: set[int] = set()
         self._lanes: dict[tuple[Consumer, str], _Lane] = {}
@@ -284,7 +285,7 @@ class KeyedWorkerPool:
     def _wake_one(self) -> None:
         idle = self._idle
         while idle:
-            if self._wake(idle.pop()):
+            if self._wake(idle.popitem()[0]):
                 return
 
     def _wake_all(self) -> None:
@@ -364,7 +365,7 @@ class KeyedWorkerPool:
                 return
             lane = None  # an idle worker keeps no lane (nor its subscription) alive
             since_yield = 0
-            self._idle.append(index)
+            self._idle[index] = None
             try:
                 if ended or held[index] >= limit:
                     # At the bound it stops receiving: the channel fills and senders wait (or drop).
@@ -382,10 +383,7 @@ class KeyedWorkerPool:
                             item = None  # an idle worker keeps no message (nor its subscription) alive
             finally:
                 self._waiting[index] = None
-                if self._idle and self._idle[-1] == index:
-                    self._idle.pop()
-                elif index in self._idle:
-                    self._idle.remove(index)
+                self._idle.pop(index, None)
 
     async def _run(self, lane: _Lane) -> None:
         """Run the head message of a ready lane once, then requeue, drop or park the lane."""
