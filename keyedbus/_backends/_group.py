@@ -14,7 +14,7 @@ import trio
 import trio_asyncio
 
 from .._config import TopicConfig
-from . import _natspy, _scaleout
+from . import _scaleout
 from ._base import Inbox
 from ._connection import NatsConnection
 from ._streams import StreamInfo, Streams
@@ -177,9 +177,7 @@ class GroupSubscription:
             holder = _scaleout.pinned_id(info)
             if holder is None or holder == sub.puller.pin:
                 continue
-            await trio_asyncio.aio_as_trio(_scaleout.aio_unpin)(
-                self.conn.nc, _natspy.api_prefix(self.conn.js), sub.stream, sub.durable
-            )
+            await trio_asyncio.aio_as_trio(sub.puller.unpin)()
             self._next_check[p] = now + _scaleout.TAKEOVER_GRACE
             logger.info(
                 "%s: partition %d was still pinned to its previous reader; unpinned it for this process",
@@ -202,9 +200,7 @@ class GroupSubscription:
                 await self.membership.leave()
                 for sub in self.parts:
                     if sub.puller.pin is not None:
-                        await trio_asyncio.aio_as_trio(_scaleout.aio_unpin)(
-                            self.conn.nc, _natspy.api_prefix(self.conn.js), sub.stream, sub.durable
-                        )
+                        await trio_asyncio.aio_as_trio(sub.puller.unpin)()
             except Exception as exc:  # the connection may be gone: our record expires, pins time out
                 logger.debug("%s: leaving the group failed: %s", self.name, exc)
         self.owned = ()

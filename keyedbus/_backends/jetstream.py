@@ -418,6 +418,14 @@ class PullSubscription:
         self.released_pin, self.puller.pin = self.puller.pin, None
         naks = [d.raw for d in sorted(fetched, key=lambda d: d.seq)] + self.puller.leftovers()
         await self.conn.settle_now([(raw, "nak") for raw in naks])
+        if self.released_pin is not None and not self.stopping:
+            # Still pinned to us, who no longer pull: unpin, so the new owner (pulling already) reads now.
+            try:
+                info = await trio_asyncio.aio_as_trio(self.puller.info)()
+                if _scaleout.pinned_id(info) == self.released_pin:
+                    await trio_asyncio.aio_as_trio(self.puller.unpin)()
+            except Exception as exc:  # the new owner unpins it after a grace period instead
+                logger.debug("%s: unpin failed: %s", self.durable, exc)
 
     def _drained_far_enough(self) -> bool:
         """While draining: everything published before the drain began has been fetched."""
@@ -606,6 +614,10 @@ class _Puller:
         """The consumer's info as JetStream sends it (ack floor, delivered, priority group state)."""
         subject = f"CONSUMER.INFO.{self._stream}.{self._durable}"
         return await _scaleout.aio_api(self._nc, _natspy.api_prefix(self._js), subject, None)
+
+    async def unpin(self) -> None:
+        """Ask the server to drop the consumer's pin: the next pull request to arrive gets a new one."""
+        await _scaleout.aio_unpin(self._nc, _natspy.api_prefix(self._js), self._stream, self._durable)
 
     async def seconds_left(self) -> float:
         """Seconds until the pull request in flight (if any) has surely ended."""
