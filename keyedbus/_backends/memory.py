@@ -93,6 +93,12 @@ class _Delivery:
         """Nothing to do: an unsettled message stays outstanding and is redelivered after detach."""
 
 
+#: The log of every topic with nothing stored (see _Topic.__init__); nothing is ever appended to it.
+_NO_LOG: deque[_Entry] = deque()
+#: The `room` of every topic no publisher ever waited on; nobody ever parks in it (publish swaps it first).
+_NOBODY_WAITS = trio.lowlevel.ParkingLot()
+
+
 class _Evictions:
     """Evictions of messages some group had not settled (or that no group had read): total and warnings."""
 
@@ -144,12 +150,14 @@ class _Topic:
     ) -> None:
         self.name = name
         self.config = config
-        self.log: deque[_Entry] = deque()
+        # An empty deque holds a 64-slot block (~760 bytes): a topic with nothing stored shares _NO_LOG, never
+        # appended to, so idle and drained topics cost little (flat cost, many topics).
+        self.log: deque[_Entry] = _NO_LOG
         self.bytes = 0
         self.next_seq = 1
         self.groups: dict[str, _Group] = {}
         self.ephemeral_subs: list[_EphemeralSubscription] = []
-        self.room = trio.lowlevel.ParkingLot()
+        self.room = _NOBODY_WAITS  # a ParkingLot costs ~180 bytes: made when a publisher first waits
         self.changed = changed
         self.recent_ids: dict[str, float] = {}
         # Created on the first message id: an idle topic should cost little (flat cost, many topics).
@@ -248,6 +256,8 @@ class _Topic:
     def append(
         self, data: bytes, headers: dict[str, str], message_id: str, now: float, *, remember: bool
     ) -> None:
+        if self.log is _NO_LOG:
+            self.log = deque()
         self.log.append(_Entry(self.next_seq, data, headers, message_id, now))
         self.next_seq += 1
         self.bytes += len(data)
@@ -267,6 +277,8 @@ class _Topic:
             low = min(g.floor for g in self.groups.values())
             while self.log and self.log[0].seq < low:
                 self.bytes -= len(self.log.popleft().data)
+            if not self.log:
+                self.log = _NO_LOG
         max_age = self.config.max_age
         if max_age is not None and self.log and self.log[0].stored_at <= now - max_age:
             self._evict(f"TopicConfig max_age={max_age}", now, older_than=now - max_age)
@@ -596,6 +608,8 @@ class MemoryBackend:
         if t.config.persistent and not t.make_room(len(out.data), trio.current_time()):
             while not t.make_room(len(out.data), trio.current_time()):
                 self._full(t)
+                if t.room is _NOBODY_WAITS:
+                    t.room = trio.lowlevel.ParkingLot()
                 await t.room.park()
         else:
             # A cancellation point every time, a schedule point every few publishes: a burst must let the
