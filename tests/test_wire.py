@@ -562,3 +562,102 @@ async def test_a_new_group_on_a_stream_that_already_evicted_counts_nothing(nats_
             await wait_until_handled(bus)
             assert bus.statistics().evicted == 0
     assert [m.data for m in seen] == [str(i).encode() for i in range(5, 10)]
+
+
+@pytest.mark.nats
+async def test_sigint_to_a_busy_jetstream_consumer_process_always_ends_within_seconds(
+    nats_server: NatsServer,
+) -> None:
+    script = Path(__file__).with_name("busy_consumer.py")
+    took = []
+    for run in range(4):  # it hung in 30-80 % of runs here before the fix: four runs catch that almost always
+        # A topic per run: the next run need not wait for the interrupted member's partition to be let go.
+        process = await trio.lowlevel.open_process(
+            [sys.executable, str(script), nats_server.url, f"busy-{run}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert process.stdout is not None
+            with trio.fail_after(60):
+                assert await process.stdout.receive_some(4) == b"busy"  # publishing and handling
+            process.send_signal(signal.SIGINT)
+            start = trio.current_time()
+            with trio.fail_after(10):
+                await process.wait()
+            took.append(trio.current_time() - start)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()
+    assert max(took) < 10
+
+
+@pytest.mark.nats
+async def test_a_cancelled_bus_hands_unsettled_messages_to_the_next_subscriber_at_once(
+    nats_server: NatsServer,
+) -> None:
+    url = nats_server.url
+    stream, durable = stream_name("orders"), consumer_name("orders", "")
+    running = trio.Event()
+
+    async def stuck(msg: keyedbus.Message) -> None:
+        running.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(60):
+        with trio.CancelScope() as scope:
+            async with keyedbus.open_bus(url, default_topic=keyedbus.TopicConfig(ack_wait=30)) as bus:
+                await bus.subscribe("orders", stuck)
+                for i in range(5):
+                    await bus.publish("orders", str(i).encode(), key=f"k{i}")
+                await running.wait()
+                # Until all five are in hand and the reader waits in its next pull request.
+                while True:
+                    [info] = await foreign(url, {"op": "consumer_info", "stream": stream, "name": durable})
+                    if info["num_ack_pending"] == 5 and info["num_waiting"] >= 1:
+                        break
+                scope.cancel()
+        seen: list[keyedbus.Message] = []
+        all_five = trio.Event()
+
+        async def handler(msg: keyedbus.Message) -> None:
+            seen.append(msg)
+            if len(seen) == 5:
+                all_five.set()
+
+        start = trio.current_time()
+        async with keyedbus.open_bus(url) as bus:
+            await bus.subscribe("orders", handler)
+            await all_five.wait()
+        took = trio.current_time() - start
+    assert sorted(m.data for m in seen) == [str(i).encode() for i in range(5)]
+    assert all(m.attempt == 2 for m in seen)
+    assert took < 10  # not ack_wait (30 s): the naks reached the server after our pull requests were gone
+
+
+@pytest.mark.nats
+async def test_after_a_broker_restart_wait_until_handled_returns_and_leaving_is_prompt(
+    nats_server: NatsServer,
+) -> None:
+    seen, handler = _recorder()
+    with trio.fail_after(60):
+        topic = keyedbus.TopicConfig(ack_wait=2)  # an ack the killed server had not stored comes back fast
+        async with keyedbus.open_bus(nats_server.url, drain_timeout=30, default_topic=topic) as bus:
+            await bus.subscribe("orders", handler)
+            await bus.publish("orders", b"1", key="k")
+            await wait_until_handled(bus)
+            nats_server.kill()
+            await trio.to_thread.run_sync(nats_server.start)
+            while not bus.statistics().connected:  # noqa: ASYNC110 - nats-py reconnects by itself
+                await trio.sleep(0.05)
+            await bus.publish("orders", b"2", key="k")
+            await wait_until_handled(bus)
+            left = trio.current_time()
+        took = trio.current_time() - left
+    # An ack the killed server had not written yet comes back as a duplicate (attempt > 1), in key order.
+    assert [m.data for m in seen if m.attempt == 1] == [b"1", b"2"]
+    assert [m.data for m in seen] in ([b"1", b"2"], [b"1", b"1", b"2"])
+    assert took < 10  # nothing was unfinished: the drain did not wait drain_timeout (30 s)

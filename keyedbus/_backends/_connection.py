@@ -20,11 +20,11 @@ import nats
 import nats.aio.client
 import nats.errors
 import trio
-import trio_asyncio
 
 from .._errors import ConnectionFailedError, KeyedBusError, PublishError
 from .._messages import MSG_ID_HEADER, Message, key_of_headers, parse_header_lines
 from . import _natspy
+from ._aio import aio, open_loop
 from ._urls import safe_url
 
 __all__ = ["NatsConnection", "Publish", "connect", "message_from", "open_loop"]
@@ -141,7 +141,7 @@ class NatsConnection:
         async for first in self._pub_recv:
             batch = await _gather(self._pub_recv, first)
             try:
-                results = await trio_asyncio.aio_as_trio(self._aio_publish)(batch)
+                results = await aio(self._aio_publish)(batch)
             finally:
                 self.unsent -= len(batch)
             self._finish_publishes(batch, results)
@@ -153,7 +153,7 @@ class NatsConnection:
             while True:
                 unsent.append(self._pub_recv.receive_nowait())
         if unsent:
-            results = await trio_asyncio.aio_as_trio(self._aio_publish)(unsent)
+            results = await aio(self._aio_publish)(unsent)
             self._finish_publishes(unsent, results)
 
     def _finish_publishes(self, batch: list[Publish], results: list[BaseException | int]) -> None:
@@ -229,7 +229,7 @@ class NatsConnection:
             done, self._settle_flushed = self._settle_flushed, trio.Event()
             flush, self._flush_wanted = self._flush_wanted, False
             if batch or flush:
-                await trio_asyncio.aio_as_trio(self.aio_settle)(batch, flush=flush)
+                await aio(self.aio_settle)(batch, flush=flush)
             done.set()
 
     async def aio_settle(self, batch: list[tuple[Any, str]], *, flush: bool = False) -> None:
@@ -295,11 +295,6 @@ def _publish_error(request: Publish, exc: BaseException, *, sent: bool) -> Keyed
     return error
 
 
-def open_loop() -> Any:
-    """The trio-asyncio loop every nats-py call runs on; open it outside the bus's nursery."""
-    return trio_asyncio.open_loop()
-
-
 async def connect(
     url: str, nursery: trio.Nursery, *, connect_timeout: float, options: dict[str, Any]
 ) -> NatsConnection:
@@ -352,12 +347,12 @@ async def connect(
 
     conn: NatsConnection | None = None
     nc: Any = None
-    client = nats.aio.client.Client()
+    client: Any = nats.aio.client.Client()  # Any: nats-py annotates float seconds as int
     _natspy.install_header_parser(client, parse_header_lines)  # repeated headers, non-UTF-8 bytes kept
     try:
         with attempt:
             try:
-                await trio_asyncio.aio_as_trio(client.connect)(
+                await aio(client.connect)(
                     servers=servers,
                     connect_timeout=min(connect_timeout, 2.0),
                     allow_reconnect=True,
@@ -379,7 +374,7 @@ async def connect(
         if nc is None:
             # Given up (timeout, refused, cancelled): close what the attempt opened.
             with trio.CancelScope(shield=True), trio.move_on_after(2), contextlib.suppress(Exception):
-                await trio_asyncio.aio_as_trio(client.close)()
+                await aio(client.close)()
     tried = f"{len(failures)} attempt(s), the last failed with {failures[-1]}" if failures else "no answer"
     if nc is None and refused:
         raise ConnectionFailedError(

@@ -11,10 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
-import trio_asyncio
 
 from .._config import TopicConfig
 from . import _scaleout
+from ._aio import aio
 from ._base import Inbox
 from ._connection import NatsConnection
 from ._streams import StreamInfo, Streams
@@ -173,11 +173,11 @@ class GroupSubscription:
             if sub.puller.pin is not None or now < self._next_check.get(p, now + 1):
                 continue
             self._next_check[p] = now + _SETTLED_CHECK
-            info = await trio_asyncio.aio_as_trio(sub.puller.info)()
+            info = await aio(sub.puller.info)()
             holder = _scaleout.pinned_id(info)
             if holder is None or holder == sub.puller.pin:
                 continue
-            await trio_asyncio.aio_as_trio(sub.puller.unpin)()
+            await aio(sub.puller.unpin)()
             self._next_check[p] = now + _scaleout.TAKEOVER_GRACE
             logger.info(
                 "%s: partition %d was still pinned to its previous reader; unpinned it for this process",
@@ -200,7 +200,7 @@ class GroupSubscription:
                 await self.membership.leave()
                 for sub in self.parts:
                     if sub.puller.pin is not None:
-                        await trio_asyncio.aio_as_trio(sub.puller.unpin)()
+                        await aio(sub.puller.unpin)()
             except Exception as exc:  # the connection may be gone: our record expires, pins time out
                 logger.debug("%s: leaving the group failed: %s", self.name, exc)
         self.owned = ()

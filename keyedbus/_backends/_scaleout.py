@@ -32,9 +32,9 @@ from typing import Any
 
 import attrs
 import trio
-import trio_asyncio
 
 from .._pool import fnv1a_32
+from ._aio import aio
 
 __all__ = [
     "HEARTBEAT",
@@ -175,7 +175,7 @@ class Membership:
 
     async def beat(self, partitions: Sequence[int]) -> list[str]:
         """Write this member's record; return the group's live members (this one included), sorted."""
-        return list(await trio_asyncio.aio_as_trio(self._aio_beat)(tuple(partitions)))
+        return list(await aio(self._aio_beat)(tuple(partitions)))
 
     async def _aio_bucket(self) -> Any:
         if self._kv is None:
@@ -192,7 +192,7 @@ class Membership:
 
     async def leave(self) -> None:
         """Remove this member's record at once (no delete marker), so the others take over now."""
-        await trio_asyncio.aio_as_trio(self._aio_leave)()
+        await aio(self._aio_leave)()
 
     async def _aio_leave(self) -> None:
         await self._js.purge_stream(self._stream, subject=f"$KV.{MEMBER_BUCKET}.{self._key(self.member)}")

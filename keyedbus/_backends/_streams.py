@@ -23,12 +23,12 @@ import nats.errors
 import nats.js.api
 import nats.js.errors
 import trio
-import trio_asyncio
 
 from .._config import TopicConfig
 from .._errors import KeyedBusError, TopicConfigConflictError
 from .._pool import fnv1a_32
 from . import _natspy, _scaleout
+from ._aio import aio
 from ._connection import NatsConnection
 
 __all__ = [
@@ -213,7 +213,7 @@ class Streams:
             if info is not None and not explicit:
                 return info
             try:
-                info = await trio_asyncio.aio_as_trio(self._aio_ensure)(topic, config, explicit or {})
+                info = await aio(self._aio_ensure)(topic, config, explicit or {})
                 assert isinstance(info, StreamInfo)
             except nats.errors.Error as exc:
                 raise KeyedBusError(

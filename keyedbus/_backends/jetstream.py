@@ -27,11 +27,11 @@ import nats.errors
 import nats.js.api
 import nats.js.errors
 import trio
-import trio_asyncio
 
 from .._config import TopicConfig
 from .._messages import Message, parse_header_lines
 from . import _natspy, _scaleout
+from ._aio import aio
 from ._base import Inbox
 from ._connection import NatsConnection, message_from
 from ._streams import (
@@ -174,9 +174,7 @@ class PullSubscription:
         What an earlier consumer still owes is learnt each time this process is given the consumer's pin
         (see `_scaleout`), so also on the first delivery after a restart.
         """
-        info = await trio_asyncio.aio_as_trio(self.puller.open)(
-            self.topic, self.config, self._explicit, self.filter_subject
-        )
+        info = await aio(self.puller.open)(self.topic, self.config, self._explicit, self.filter_subject)
         self.last_seen = info["delivered"]["stream_seq"]
         self.active = active
         if not self.puller.pinned:
@@ -219,7 +217,7 @@ class PullSubscription:
     async def _learn_pinned(self, batch: list[Any]) -> None:
         """This process was just given the pin (with `batch`): hold the keys another holder may still have
         unsettled."""
-        info = await trio_asyncio.aio_as_trio(self.puller.info)()
+        info = await aio(self.puller.info)()
         # Only what this process already accepted is its own. The batch in hand counts as owed: it may hold
         # redeliveries out of stream order, and taking them in as owed arrivals puts them back in order.
         mine = set(self.outstanding)
@@ -253,7 +251,7 @@ class PullSubscription:
             )
         seqs = [s for s in range(floor + 1, delivered + 1) if s not in in_hand]
         for start in range(0, len(seqs) + 1, _READ_BACK_CHUNK):
-            stored = await trio_asyncio.aio_as_trio(aio_get_messages)(
+            stored = await aio(aio_get_messages)(
                 self.conn.js, self.stream, seqs[start : start + _READ_BACK_CHUNK]
             )
             if start == 0:
@@ -308,7 +306,7 @@ class PullSubscription:
                 await trio.sleep(0.02)
                 continue
             try:
-                raw = await trio_asyncio.aio_as_trio(self.puller.take)()
+                raw = await aio(self.puller.take)()
             except ConsumerGone as gone:
                 await self._recover(str(gone))
                 continue
@@ -363,7 +361,7 @@ class PullSubscription:
             start = None if fresh or resume <= 1 else resume
             if self.partition is None:
                 self.filter_subject = stream.filter_for(self.topic)
-            info = await trio_asyncio.aio_as_trio(self.puller.recreate)(
+            info = await aio(self.puller.recreate)(
                 stream.name, self.topic, self.config, self._explicit, self.filter_subject, start
             )
         except Exception as exc:
@@ -407,7 +405,7 @@ class PullSubscription:
 
         Forgets the pin, so whoever reads next (this process too) learns the owed keys afresh.
         """
-        await trio.sleep(max(0.0, await trio_asyncio.aio_as_trio(self.puller.seconds_left)()))
+        await trio.sleep(max(0.0, await aio(self.puller.seconds_left)()))
         fetched = [d for held in self.held.values() for d in held]
         for delivery in fetched:
             delivery.settled = True
@@ -421,9 +419,9 @@ class PullSubscription:
         if self.released_pin is not None and not self.stopping:
             # Still pinned to us, who no longer pull: unpin, so the new owner (pulling already) reads now.
             try:
-                info = await trio_asyncio.aio_as_trio(self.puller.info)()
+                info = await aio(self.puller.info)()
                 if _scaleout.pinned_id(info) == self.released_pin:
-                    await trio_asyncio.aio_as_trio(self.puller.unpin)()
+                    await aio(self.puller.unpin)()
             except Exception as exc:  # the new owner unpins it after a grace period instead
                 logger.debug("%s: unpin failed: %s", self.durable, exc)
 
@@ -488,7 +486,7 @@ class PullSubscription:
             return
         self._next_floor_poll = now + _FLOOR_POLL
         try:
-            info = await trio_asyncio.aio_as_trio(self.puller.info)()
+            info = await aio(self.puller.info)()
         except Exception as exc:
             logger.debug("%s: consumer info failed: %s", self.durable, exc)
             return
@@ -505,7 +503,7 @@ class PullSubscription:
             await trio.sleep(self.config.ack_wait / 3)
             alive = [d.raw for d in self.outstanding.values()]
             if alive:
-                await trio_asyncio.aio_as_trio(_aio_in_progress)(alive)
+                await aio(_aio_in_progress)(alive)
 
     # -- settling and stopping --------------------------------------------------------------------------
 
@@ -546,7 +544,7 @@ class PullSubscription:
         self._on_detach(self)
         self.log_evictions()
         try:
-            await trio_asyncio.aio_as_trio(self.puller.close)()
+            await aio(self.puller.close)()
         except Exception as exc:  # the connection may be gone; the server forgets the interest then too
             logger.debug("unsubscribe failed: %s", exc)
         await self.conn.settle_now([(raw, "nak") for raw in self.unsettled()])
@@ -560,7 +558,7 @@ class PullSubscription:
         """
         if not self.active:
             return not self.outstanding
-        info = await trio_asyncio.aio_as_trio(self.puller.info)()
+        info = await aio(self.puller.info)()
         floor: int = info["ack_floor"]["stream_seq"]
         delivered: int = info["delivered"]["stream_seq"]
         if self.drain_target is None:

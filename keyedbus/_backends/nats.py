@@ -16,12 +16,12 @@ import attrs
 import nats.errors
 import nats.js.errors
 import trio
-import trio_asyncio
 
 from .._config import TopicConfig
 from .._errors import KeyedBusError, MessageTooLargeError
 from .._messages import KEY_HEADER, MSG_ID_HEADER, Message
 from . import _natspy, _scaleout
+from ._aio import aio, loop_running
 from ._base import AtMostOnceDelivery, Inbox, Outgoing
 from ._connection import NatsConnection, Publish, message_from, open_loop
 from ._connection import connect as _connect
@@ -52,7 +52,7 @@ class _CoreSubscription:
         self._stopped = trio.Event()
 
     async def start(self, group: str, nursery: trio.Nursery) -> None:
-        self.aio_sub = await trio_asyncio.aio_as_trio(self.backend.aio_core_subscribe)(self.topic, group)
+        self.aio_sub = await aio(self.backend.aio_core_subscribe)(self.topic, group)
         await nursery.start(self._read)
 
     async def _read(self, *, task_status: trio.TaskStatus[None]) -> None:
@@ -60,7 +60,7 @@ class _CoreSubscription:
             with self._scope:
                 task_status.started()
                 while True:
-                    raw = await trio_asyncio.aio_as_trio(self._aio_take)()
+                    raw = await aio(self._aio_take)()
                     await self.inbox.deliver(
                         [AtMostOnceDelivery(message_from(self.topic, m.data, m.headers, 1)) for m in raw]
                     )
@@ -86,7 +86,7 @@ class _CoreSubscription:
     async def detach(self) -> None:
         self.backend.forget(self)
         try:
-            await trio_asyncio.aio_as_trio(self.aio_sub.unsubscribe)()
+            await aio(self.aio_sub.unsubscribe)()
         except Exception as exc:  # the connection may be gone; the server forgets the interest then too
             logger.debug("unsubscribe failed: %s", exc)
 
@@ -255,7 +255,7 @@ class NatsBackend:
             count = self._conn.publish_count
             try:
                 # After the PONG, all the server sent us before is in our buffers.
-                await trio_asyncio.aio_as_trio(self._nc.flush)(2)
+                await aio(self._nc.flush)(2)
                 caught_up = [await sub.caught_up() for sub in list(self._pull_subs)]
             except Exception as exc:  # disconnected: keep waiting, bounded by drain_timeout
                 logger.debug("drain check failed: %s", exc)
@@ -285,7 +285,7 @@ class NatsBackend:
 
     async def topic_state(self, topic: str) -> dict[str, Any]:
         """The stream of a persistent topic and its consumers: stored, pending, redelivered, lag."""
-        return dict(await trio_asyncio.aio_as_trio(self._aio_topic_state)(topic))
+        return dict(await aio(self._aio_topic_state)(topic))
 
     async def _aio_topic_state(self, topic: str) -> dict[str, Any]:
         found = await self._streams.aio_find(topic)
@@ -335,9 +335,7 @@ class NatsBackend:
         seqs = range(state["first_seq"], state["last_seq"] + 1) if state["messages"] else range(0)
         found: list[tuple[int, Message]] = []
         for start in range(0, len(seqs), 1024):
-            chunk = await trio_asyncio.aio_as_trio(aio_get_messages)(
-                self.js, state["stream"], seqs[start : start + 1024]
-            )
+            chunk = await aio(aio_get_messages)(self.js, state["stream"], seqs[start : start + 1024])
             found += [
                 (seq, message_from(topic, raw.data, raw.headers, 1))
                 for seq, raw in chunk
@@ -359,12 +357,12 @@ class NatsBackend:
         # one token below this one are not this topic's messages).
         partition = re.compile(re.escape(topic) + r"\.~[0-9]+")
         subjects = [topic, f"{topic}.*"]
-        subs = [await trio_asyncio.aio_as_trio(self.aio_core_subscribe)(subject, "") for subject in subjects]
+        subs = [await aio(self.aio_core_subscribe)(subject, "") for subject in subjects]
         send, receive = trio.open_memory_channel[Message](_BATCH)
 
         async def pump(sub: Any, wildcard: bool) -> None:
             while True:
-                batch = await trio_asyncio.aio_as_trio(_natspy.take)(sub, _BATCH)
+                batch = await aio(_natspy.take)(sub, _BATCH)
                 for raw in batch:
                     if not wildcard or partition.fullmatch(raw.subject):
                         await send.send(message_from(topic, raw.data, raw.headers, 1))
@@ -379,7 +377,7 @@ class NatsBackend:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 for sub in subs:
                     with contextlib.suppress(Exception):  # the connection may be gone: so is the interest
-                        await trio_asyncio.aio_as_trio(sub.unsubscribe)()
+                        await aio(sub.unsubscribe)()
 
     async def delete_group(self, topic: str, group: str) -> bool:
         """Delete the durable consumers of (topic, group) (one per partition), and so its position; False if
@@ -388,18 +386,18 @@ class NatsBackend:
         names = [c["consumer"] for c in state["consumers"] if c["group"] == group]
         for name in names:
             with contextlib.suppress(nats.js.errors.NotFoundError):  # deleted meanwhile
-                await trio_asyncio.aio_as_trio(self.js.delete_consumer)(state["stream"], name)
+                await aio(self.js.delete_consumer)(state["stream"], name)
         return bool(names)
 
     async def delete_stored(self, topic: str, seq: int) -> None:
         """Remove one stored message (a replayed dead letter) from a persistent topic's stream."""
         state = await self.topic_state(topic)
-        await trio_asyncio.aio_as_trio(self.js.delete_msg)(state["stream"], seq)
+        await aio(self.js.delete_msg)(state["stream"], seq)
 
     async def jetstream_info(self) -> str:
         """A line on JetStream availability for this account, or why it is not available."""
         try:
-            info = await trio_asyncio.aio_as_trio(self.js.account_info)()
+            info = await aio(self.js.account_info)()
         except Exception as exc:
             return f"not available ({type(exc).__name__}: {exc}); start nats-server with -js"
         return f"available ({info.streams} stream(s), {info.consumers} consumer(s))"
@@ -413,21 +411,48 @@ class NatsBackend:
         )
 
     async def aclose(self) -> None:
-        """Hand back what is unsettled (nak, oldest first), send queued acks, close (bounded, shielded)."""
+        """Close in one order: stop pulling, nak what is unsettled (oldest first), flush, close.
+
+        Stopping the pulls first (unsubscribing each pull inbox, which makes the server drop our waiting pull
+        requests) keeps a nak'd message from landing in a request of ours, where it would wait out ack_wait
+        before the group's next subscriber saw it. Shielded and bounded (5 s); if the asyncio loop is gone
+        (an interrupted process), nothing can be sent: the unsettled messages are redelivered after ack_wait.
+        """
         self._conn.closing = True
         with trio.CancelScope(shield=True), trio.move_on_after(5):
+            if not loop_running():
+                unsettled = sum(len(sub.unsettled()) for sub in self._pull_subs)
+                logger.warning(
+                    "the NATS connection to %s is gone with its asyncio loop; %d unsettled message(s) are "
+                    "redelivered after ack_wait",
+                    safe_url(self._url),
+                    unsettled,
+                )
+                return
             try:
                 # The pumps are stopped by now: send what they still held directly.
                 await self._conn.flush_unsent()
+                late = await aio(self._aio_stop_pulling)(list(self._pull_subs))
                 naks = [(raw, "nak") for sub in self._pull_subs for raw in sub.unsettled()]
+                naks += [(raw, "nak") for raw in late]
                 if naks:
                     logger.warning("handing %d unsettled message(s) back to JetStream", len(naks))
                 batch = self._conn.take_settles() + naks
                 if batch:
-                    await trio_asyncio.aio_as_trio(self._conn.aio_settle)(batch, flush=True)
-                await trio_asyncio.aio_as_trio(self._nc.close)()
+                    await aio(self._conn.aio_settle)(batch, flush=True)
+                await aio(self._nc.close)()
             except Exception as exc:
                 logger.warning("closing the NATS connection to %s failed: %s", safe_url(self._url), exc)
+
+    async def _aio_stop_pulling(self, subs: list[GroupSubscription]) -> list[Any]:
+        """Unsubscribe every pull inbox; return messages that arrived for a request but were never taken."""
+        late: list[Any] = []
+        for part in [part for sub in subs for part in sub.parts]:
+            try:
+                late += await part.puller.close()
+            except Exception as exc:  # the connection may be gone: the server forgets the interest then too
+                logger.debug("unsubscribe failed: %s", exc)
+        return late
 
 
 async def connect(
