@@ -239,15 +239,18 @@ class Bus(metaclass=NoPublicConstructor):
         dead_letter: str | None = None,
         key: KeyFunction | None = None,
     ) -> Subscription:
-        """Deliver every message of `topic` to `handler` (an async function taking one Message).
+        """Deliver every message of `topic` to `handler`, an async function taking one Message.
+
+        Any callable returning an awaitable will do (a lambda around an async function, say).
 
         Messages with the same key run one after another in publish order; different keys run concurrently.
         `group` shares the topic's messages between the subscribers of that group (None: the default group);
         `retry` overrides the bus's RetryPolicy; `dead_letter` names the topic that receives messages
         that failed every attempt (default ``<topic>.dead-letter``); `key` computes a key for messages from
         publishers that do not set ``X-Aggregate-ID``. Returns once the subscription is live. Raises
-        InvalidHandlerError for a sync or non-callable handler, DuplicateSubscriptionError if this bus already
-        subscribes to (topic, group), InvalidTopicError for a bad name.
+        InvalidHandlerError for a non-callable or a plain `def` function, DuplicateSubscriptionError if this
+        bus already subscribes to (topic, group), InvalidTopicError for a bad name. A handler call that
+        returns no awaitable fails that attempt with InvalidHandlerError.
         """
         return await self._subscribe(
             topic, handler, envelope=False, group=group, retry=retry, dead_letter=dead_letter, key=key

@@ -499,3 +499,25 @@ async def test_a_decoder_raising_any_exception_type_dead_letters_the_message(
         await bus.publish("orders", b"{}", key="k")  # returns: the subscription task decodes, not publish
         await wait_until_handled(bus)
     assert [m.headers["Keyedbus-Error"] for m in dead] == ["OverflowError: int too large to convert"]
+
+
+async def test_a_cancelled_subscribe_leaves_nothing_subscribed(autojump_clock: object) -> None:
+    ghost: list[bytes] = []
+    seen: list[bytes] = []
+
+    async def cancelled_handler(msg: keyedbus.Message) -> None:
+        ghost.append(msg.data)
+
+    async def handler(msg: keyedbus.Message) -> None:
+        seen.append(msg.data)
+
+    async with keyedbus.open_bus() as bus:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await bus.subscribe("orders", cancelled_handler)
+        await bus.publish("orders", b"after")
+        await trio.testing.wait_all_tasks_blocked()  # nothing may take it meanwhile
+        await bus.subscribe("orders", handler)  # the (topic, group) is free, and only this one delivers
+        await wait_until_handled(bus)
+    assert ghost == []
+    assert seen == [b"after"]

@@ -677,11 +677,13 @@ class MemoryBackend:
     async def subscribe(
         self, topic: str, config: TopicConfig, group: str, inbox: Inbox
     ) -> _PersistentSubscription | _EphemeralSubscription:
+        # The checkpoint first: cancelled, it leaves nothing subscribed (no half subscription that would
+        # deliver to a subscriber that never got its Subscription).
+        await trio.lowlevel.checkpoint()
         t = self._topic(topic, config)
         if not t.config.persistent:
             sub = _EphemeralSubscription(t, inbox, self._buffer_size, self._nursery)
             t.ephemeral_subs.append(sub)
-            await trio.lowlevel.checkpoint()
             return sub
         g = t.groups.get(group)
         if g is None:
@@ -690,7 +692,6 @@ class MemoryBackend:
         g.inbox = inbox
         g.task = _SubscriptionTask(self._nursery, g.deliver, topic)
         g.wake()  # what the group already holds (an earlier subscriber's hand-back, retained messages)
-        await trio.lowlevel.checkpoint()
         return _PersistentSubscription(g, g.task)
 
     def partitions(self) -> dict[tuple[str, str | None], tuple[int, ...]]:
