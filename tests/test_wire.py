@@ -5,6 +5,7 @@ Each test starts its own nats-server; a foreign client is plain nats-py on plain
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -661,3 +662,55 @@ async def test_after_a_broker_restart_wait_until_handled_returns_and_leaving_is_
     assert [m.data for m in seen if m.attempt == 1] == [b"1", b"2"]
     assert [m.data for m in seen] in ([b"1", b"2"], [b"1", b"1", b"2"])
     assert took < 10  # nothing was unfinished: the drain did not wait drain_timeout (30 s)
+
+
+@pytest.mark.nats
+async def test_a_plain_client_that_reads_a_group_later_is_refused_and_order_holds(
+    nats_server: NatsServer,
+) -> None:
+    seen, handler = _recorder()
+    url = nats_server.url
+    async with keyedbus.open_bus(url) as bus:
+        await bus.subscribe("orders", handler, group="billing")
+        await bus.publish("orders", b"0", key="k")
+        await wait_until_handled(bus)  # our process holds the partition's pin now
+        [info] = await foreign(url, {"op": "stream_info", "name": stream_name("orders")})
+        durable = consumer_name("orders", "billing")
+        result: list[Any] = []
+
+        async def second_reader() -> None:
+            op = {"op": "pull", "stream": info["config"]["name"], "durable": durable, "seconds": 3}
+            result.extend(await foreign(url, op))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(second_reader)
+                for i in range(1, 21):
+                    await bus.publish("orders", str(i).encode(), key="k")
+            await wait_until_handled(bus)
+    assert [m.data for m in seen] == [str(i).encode() for i in range(21)]
+    # The server itself refuses a reader that is not in the consumer's priority group.
+    assert result[-1]["description"] == "Bad Request - Priority Group missing"
+
+
+@pytest.mark.nats
+@pytest.mark.parametrize("how", ["error", "cancel"])
+async def test_leaving_a_busy_jetstream_bus_by_an_error_or_a_cancel_ends_within_seconds(
+    nats_server: NatsServer, how: str
+) -> None:
+    async def slow(msg: keyedbus.Message) -> None:
+        await trio.sleep(0.01)
+
+    start = 0.0
+    expected = pytest.raises(RuntimeError, match=r"^boom$") if how == "error" else contextlib.nullcontext()
+    with trio.fail_after(60), expected, trio.CancelScope() as scope:
+        async with keyedbus.open_bus(nats_server.url, drain_timeout=30) as bus:
+            await bus.subscribe("busy", slow)
+            for i in range(300):
+                await bus.publish("busy", b"x", key=f"k{i % 10}")
+            start = trio.current_time()
+            if how == "error":
+                raise RuntimeError("boom")
+            scope.cancel()
+            await trio.sleep_forever()
+    assert trio.current_time() - start < 5
