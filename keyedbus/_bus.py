@@ -24,7 +24,7 @@ from ._errors import (
     InvalidHeaderError,
     InvalidTopicError,
 )
-from ._groups import to_raise
+from ._groups import is_users, to_raise
 from ._messages import (
     KEY_HEADER,
     Envelope,
@@ -494,7 +494,7 @@ async def open_bus(
             scheme != "memory"
             and len(ours.exceptions) == 1
             and isinstance(ours.exceptions[0], BaseExceptionGroup)
-            and ours.exceptions[0] is not raised
+            and not is_users(ours.exceptions[0], raised)
         ):
             ours = ours.exceptions[0]
         chosen = to_raise(ours, raised)

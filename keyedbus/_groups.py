@@ -11,7 +11,7 @@ import sys
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["to_raise"]
+__all__ = ["is_users", "to_raise"]
 
 
 def to_raise(group: BaseExceptionGroup[BaseException], user: BaseException | None) -> BaseException:
@@ -23,8 +23,8 @@ def to_raise(group: BaseExceptionGroup[BaseException], user: BaseException | Non
     - Otherwise the group itself.
     """
     inner = group.exceptions
-    if user is not None and any(_same(exc, user) for exc in inner):
-        others = [exc for exc in inner if not _same(exc, user)]
+    if user is not None and any(is_users(exc, user) for exc in inner):
+        others = [exc for exc in inner if not is_users(exc, user)]
         if others:
             internal = (
                 others[0]
@@ -38,7 +38,7 @@ def to_raise(group: BaseExceptionGroup[BaseException], user: BaseException | Non
     return group
 
 
-def _same(exc: BaseException, user: BaseException) -> bool:
+def is_users(exc: BaseException, user: BaseException | None) -> bool:
     """`exc` is `user`, or a copy trio derived of the user's group (cancel scopes split groups)."""
     if exc is user:
         return True
@@ -46,7 +46,7 @@ def _same(exc: BaseException, user: BaseException) -> bool:
         isinstance(exc, BaseExceptionGroup)
         and isinstance(user, BaseExceptionGroup)
         and len(exc.exceptions) == len(user.exceptions)
-        and all(_same(a, b) for a, b in zip(exc.exceptions, user.exceptions, strict=True))
+        and all(is_users(a, b) for a, b in zip(exc.exceptions, user.exceptions, strict=True))
     )
 
 

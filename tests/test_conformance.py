@@ -6,6 +6,7 @@ Tests take the `clock` fixture: virtual time on memory://, real time (bounded by
 from __future__ import annotations
 
 import random
+import sys
 from collections import defaultdict
 
 import attrs
@@ -19,6 +20,9 @@ from keyedbus._pool import fnv1a_32
 from keyedbus.testing import wait_until_handled
 
 from .conftest import Backend
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import ExceptionGroup
 
 FAST_RETRY = keyedbus.RetryPolicy(max_attempts=10, initial_backoff=0.01, max_backoff=0.05, jitter=0)
 
@@ -510,3 +514,29 @@ async def test_default_settings_evict_nothing_a_group_has_not_settled(
     assert sorted(seen) == sorted(
         [str(i).encode() for i in range(200)] + [str(i).encode() for i in range(50)]
     )
+
+
+async def test_an_exception_raised_in_the_block_leaves_as_raised(backend: Backend, clock: object) -> None:
+    # On NATS, trio-asyncio's loop wraps the bus's nursery in groups of its own and trio derives copies of
+    # the user's group when splitting it: what leaves must still be the user's own object.
+    async def handler(msg: keyedbus.Message) -> None:
+        await trio.sleep(0.1)
+
+    async def block_raising(raised: BaseException) -> None:
+        async with backend.open() as bus:
+            await bus.subscribe("orders", handler)
+            await bus.publish("orders", b"x", key="k")
+            raise raised
+
+    for raised in (
+        ExceptionGroup("mine", [ValueError("a"), KeyError("b")]),
+        ExceptionGroup("one of mine", [ValueError("c")]),
+        ValueError("bare"),
+    ):
+        left: BaseException | None = None
+        with trio.fail_after(30):
+            try:
+                await block_raising(raised)
+            except BaseException as exc:
+                left = exc
+        assert left is raised
