@@ -83,12 +83,19 @@ class _CoreSubscription:
         self._scope.cancel()
         await self._stopped.wait()
 
+    def write_off(self, why: str) -> None:
+        """Count as dropped (and log) what nats-py still buffers: this subscription will never take it."""
+        left = len(_natspy.take_nowait(self.aio_sub)) if self.aio_sub is not None else 0
+        if left:
+            self.inbox.dropped(left, why)
+
     async def detach(self) -> None:
         self.backend.forget(self)
         try:
             await aio(self.aio_sub.unsubscribe)()
         except Exception as exc:  # the connection may be gone; the server forgets the interest then too
             logger.debug("unsubscribe failed: %s", exc)
+        self.write_off("unsubscribed with them still in nats-py's buffer")
 
 
 class NatsBackend:
@@ -419,6 +426,14 @@ class NatsBackend:
         (an interrupted process), nothing can be sent: the unsettled messages are redelivered after ack_wait.
         """
         self._conn.closing = True
+        try:
+            await self._close()
+        finally:
+            # Core NATS is at-most-once, but nothing goes silently: what nats-py still buffers is dropped.
+            for sub in list(self._core_subs):
+                sub.write_off("the bus closed with them still in nats-py's buffer")
+
+    async def _close(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             if not loop_running():
                 unsettled = sum(len(sub.unsettled()) for sub in self._pull_subs)
