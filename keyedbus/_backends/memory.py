@@ -421,16 +421,28 @@ class _Group:
             await self.inbox.deliver(batch)
 
 
+class _Starts:
+    """How many subscription tasks publishes have started: a publish that started one lets it run at once."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class _SubscriptionTask:
     """A subscription's task: runs `body` while there is something to take; woken (started) by publishes."""
 
     # Slots, and nothing allocated while idle: one of these exists per subscription (flat cost).
-    __slots__ = ("body", "done", "nursery", "scope", "stopped", "topic")
+    __slots__ = ("body", "done", "nursery", "scope", "starts", "stopped", "topic")
 
-    def __init__(self, nursery: trio.Nursery, body: Callable[[], Awaitable[None]], topic: str) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, body: Callable[[], Awaitable[None]], topic: str, starts: _Starts
+    ) -> None:
         self.nursery = nursery
         self.body = body
         self.topic = topic
+        self.starts = starts
         self.scope: trio.CancelScope | None = None  # while the task runs
         self.done: trio.Event | None = None  # while the task runs
         self.stopped = False
@@ -441,6 +453,7 @@ class _SubscriptionTask:
             self.scope = trio.CancelScope()
             self.done = trio.Event()
             self.nursery.start_soon(self._run, name=f"keyedbus-subscription-{self.topic}")
+            self.starts.count += 1
 
     async def _run(self) -> None:
         assert self.scope is not None
@@ -485,13 +498,15 @@ class _PersistentSubscription:
 
 
 class _EphemeralSubscription:
-    def __init__(self, topic: _Topic, inbox: Inbox, size: int, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, topic: _Topic, inbox: Inbox, size: int, nursery: trio.Nursery, starts: _Starts
+    ) -> None:
         self.topic = topic
         self.inbox = inbox
         self.active = True
         self.send, self.receive = trio.open_memory_channel[Message](size)
         self.in_hand = 0  # taken from the buffer by the subscription task, not yet queued
-        self.task = _SubscriptionTask(nursery, self._deliver, topic.name)
+        self.task = _SubscriptionTask(nursery, self._deliver, topic.name, starts)
 
     def settled(self) -> bool:
         return not self.in_hand and self.receive.statistics().current_buffer_used == 0
@@ -558,6 +573,7 @@ class MemoryBackend:
         self._changed = trio.lowlevel.ParkingLot()
         self._evictions = _Evictions()
         self._since_yield = 0
+        self._starts = _Starts()
 
     @property
     def connected(self) -> bool:
@@ -612,16 +628,16 @@ class MemoryBackend:
                     t.room = trio.lowlevel.ParkingLot()
                 await t.room.park()
         else:
-            # A cancellation point every time, a schedule point every few publishes: a burst must let the
-            # subscription tasks run, and they take what accumulated in one batch, not one task switch
-            # per message.
-            self._since_yield += 1
-            if self._since_yield >= _PUBLISHES_PER_YIELD:
-                self._since_yield = 0
-                await trio.lowlevel.checkpoint()
-            else:
-                await trio.lowlevel.checkpoint_if_cancelled()
+            await trio.lowlevel.checkpoint_if_cancelled()  # cancelled: nothing stored
+        started = self._starts.count
         self._publish_now(t, out)
+        # A schedule point when this publish started an idle subscription's task (it runs at once: low
+        # latency), else every few publishes: a burst lets the running tasks take what accumulated in one
+        # batch, not one task switch per message (throughput).
+        self._since_yield += 1
+        if self._starts.count != started or self._since_yield >= _PUBLISHES_PER_YIELD:
+            self._since_yield = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     def publish_nowait(self, out: Outgoing) -> None:
         """Like publish, but raise trio.WouldBlock where publish would wait."""
@@ -682,7 +698,7 @@ class MemoryBackend:
         await trio.lowlevel.checkpoint()
         t = self._topic(topic, config)
         if not t.config.persistent:
-            sub = _EphemeralSubscription(t, inbox, self._buffer_size, self._nursery)
+            sub = _EphemeralSubscription(t, inbox, self._buffer_size, self._nursery, self._starts)
             t.ephemeral_subs.append(sub)
             return sub
         g = t.groups.get(group)
@@ -690,7 +706,7 @@ class MemoryBackend:
             g = t.groups[group] = _Group(t, group)
         g.subscribed = True
         g.inbox = inbox
-        g.task = _SubscriptionTask(self._nursery, g.deliver, topic)
+        g.task = _SubscriptionTask(self._nursery, g.deliver, topic, self._starts)
         g.wake()  # what the group already holds (an earlier subscriber's hand-back, retained messages)
         return _PersistentSubscription(g, g.task)
 
