@@ -425,3 +425,21 @@ async def test_tail_without_a_group_sees_every_partition_and_no_other_topic(nats
     assert tail.returncode == 0, said
     assert sorted(out.decode().splitlines()) == sorted(f"{key}\t{key}" for key in keys)
     assert json.loads(state.stdout)["consumers"] == []  # watching created nothing
+
+
+@pytest.mark.nats
+async def test_dead_letter_replay_shows_progress_on_a_terminal(nats_server: NatsServer) -> None:
+    async def failing(msg: keyedbus.Message) -> None:
+        raise RuntimeError("not yet")
+
+    with trio.fail_after(60):
+        async with keyedbus.open_bus(nats_server.url, retry=keyedbus.RetryPolicy(max_attempts=1)) as bus:
+            await bus.subscribe("orders", failing)
+            for i in range(3):
+                await bus.publish("orders", f"m{i}".encode(), key="k")
+        status, shown = await _on_terminal("dead-letters", "orders", "--replay", url=nats_server.url)
+    assert status == 0, shown
+    assert b"replaying orders.dead-letter" in shown
+    assert b"/3" in shown
+    assert b"msg/s" in shown
+    assert b"replayed 3 dead letter(s) from orders.dead-letter" in shown
