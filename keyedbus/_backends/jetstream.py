@@ -250,23 +250,27 @@ class PullSubscription:
                 extra={"topic": self.topic},
             )
         seqs = [s for s in range(floor + 1, delivered + 1) if s not in in_hand]
-        for start in range(0, len(seqs) + 1, _READ_BACK_CHUNK):
-            stored = await aio(aio_get_messages)(
-                self.conn.js, self.stream, seqs[start : start + _READ_BACK_CHUNK]
-            )
-            if start == 0:
-                stored += [(seq, m) for seq, m in in_hand.items() if floor < seq <= delivered]
-            for seq, raw in stored:
-                if mine and seq in mine:
-                    continue  # this process has it: the pool keeps its order
-                if self.filter_subject is not None and raw.subject != self.filter_subject:
-                    continue  # another partition's: never delivered by this consumer
-                key = self.inbox.key_of(message_from(self.topic, raw.data, raw.headers, 1))
-                if key is not None:
-                    self.owed[seq] = key
-        self.owed_by_key = {}
-        for seq, key in sorted(self.owed.items()):
-            self.owed_by_key.setdefault(key, deque()).append(seq)
+        try:
+            for start in range(0, len(seqs) + 1, _READ_BACK_CHUNK):
+                stored = await aio(aio_get_messages)(
+                    self.conn.js, self.stream, seqs[start : start + _READ_BACK_CHUNK]
+                )
+                if start == 0:
+                    stored += [(seq, m) for seq, m in in_hand.items() if floor < seq <= delivered]
+                for seq, raw in stored:
+                    if mine and seq in mine:
+                        continue  # this process has it: the pool keeps its order
+                    if self.filter_subject is not None and raw.subject != self.filter_subject:
+                        continue  # another partition's: never delivered by this consumer
+                    key = self.inbox.key_of(message_from(self.topic, raw.data, raw.headers, 1))
+                    if key is not None:
+                        self.owed[seq] = key
+        finally:
+            # Also when a read-back fails midway (the caller retries): `owed` may have grown, and every owed
+            # sequence must be findable by its key.
+            self.owed_by_key = {}
+            for seq, key in sorted(self.owed.items()):
+                self.owed_by_key.setdefault(key, deque()).append(seq)
         waiting = {key for seq, key in self.owed.items() if seq not in in_hand}
         if waiting:
             logger.info(
