@@ -184,11 +184,14 @@ async def foreign_reader(url: str, subject: str, count: int, ready: trio.Event) 
                     ready.set()
         assert await process.wait() == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        if process.stdout is not None:
-            await process.stdout.aclose()
+        # Shielded: when the test is cancelled (its fail_after), an unshielded wait would raise at once and
+        # leave the child running with its pipe open, failing the *next* test with a ResourceWarning.
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()
     return list(lines[-1])
 
 
