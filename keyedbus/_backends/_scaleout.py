@@ -60,7 +60,7 @@ PRIORITY_GROUP = "keyedbus"
 #: Seconds between a member's heartbeats (and its looks at the group's membership).
 HEARTBEAT = 1.0
 #: Seconds after its last heartbeat a member counts as gone (the bucket's max age).
-MEMBER_TTL = 4.0
+MEMBER_TTL = 6.0
 #: Seconds a new owner lets the previous one give a partition up before it asks the server to unpin it.
 TAKEOVER_GRACE = 2.0
 #: Seconds without a pull from the pinned member after which the server itself moves the pin: the backstop

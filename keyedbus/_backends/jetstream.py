@@ -471,12 +471,12 @@ class PullSubscription:
 
     def _release(self, key: str) -> list[JetStreamDelivery]:
         """The held messages of `key` below its lowest sequence still owed, in order (all if none is)."""
-        owed = self.owed_by_key[key]
+        owed = self.owed_by_key.get(key, deque())
         while owed and owed[0] not in self.owed:
             owed.popleft()
         held = sorted(self.held.pop(key, []), key=lambda d: d.seq)
         if not owed:
-            del self.owed_by_key[key]
+            self.owed_by_key.pop(key, None)
             return held
         free = [d for d in held if d.seq < owed[0]]
         if len(free) < len(held):
