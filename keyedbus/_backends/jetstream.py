@@ -222,6 +222,12 @@ class PullSubscription:
         # redeliveries out of stream order, and taking them in as owed arrivals puts them back in order.
         mine = set(self.outstanding)
         floor, delivered = info["ack_floor"]["stream_seq"], info["delivered"]["stream_seq"]
+        in_hand = {_natspy.delivery_info(m)[0]: m for m in batch}
+        first_deliveries = all(_natspy.delivery_info(m)[1] == 1 for m in batch)
+        if first_deliveries and int(info.get("num_ack_pending") or 0) <= len(mine | in_hand.keys()):
+            # Every unsettled message is this process's, and none in hand came back from another reader:
+            # nothing is owed, so the range need not be read back (the common case: a first start).
+            return
         logger.info(
             "%s: this process now reads %s for group %r (pinned); checking messages %d..%d for keys still "
             "owed by the previous reader",
@@ -232,7 +238,6 @@ class PullSubscription:
             delivered,
             extra={"topic": self.topic},
         )
-        in_hand = {_natspy.delivery_info(m)[0]: m for m in batch}
         await self._learn_owed(floor, delivered, mine, in_hand)
 
     async def _learn_owed(
