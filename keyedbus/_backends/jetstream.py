@@ -255,6 +255,12 @@ class PullSubscription:
                 extra={"topic": self.topic},
             )
         seqs = [s for s in range(floor + 1, delivered + 1) if s not in in_hand]
+        if self.filter_subject is not None and seqs:
+            # One subject of a shared stream (a partition): read only its messages, not every sequence.
+            on_subject = await aio(aio_get_subject_messages)(
+                self.conn.js, self.stream, self.filter_subject, seqs[0], seqs[-1]
+            )
+            seqs = [seq for seq, _ in on_subject if seq not in in_hand]
         try:
             for start in range(0, len(seqs) + 1, _READ_BACK_CHUNK):
                 stored = await aio(aio_get_messages)(
@@ -723,6 +729,24 @@ async def aio_get_messages(js: Any, stream: str, seqs: Iterable[int]) -> list[tu
             raise result
         result.headers = _natspy.stored_headers(result, parse_header_lines)  # not nats-py's email parsing
         found.append((seq, result))
+    return found
+
+
+async def aio_get_subject_messages(
+    js: Any, stream: str, subject: str, first: int, last: int
+) -> list[tuple[int, Any]]:
+    """The stored messages of `subject` with sequences first..last, in order (one request each)."""
+    found: list[tuple[int, Any]] = []
+    seq = first
+    while seq <= last:
+        try:
+            msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            break
+        if msg.seq > last:
+            break
+        found.append((msg.seq, msg))
+        seq = msg.seq + 1
     return found
 
 
