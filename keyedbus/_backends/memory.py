@@ -418,16 +418,26 @@ class _Group:
             batch = self.take(_BATCH)
             if not batch:
                 return
+            if self.task is not None:
+                self.task.starts.taken = len(batch)
             await self.inbox.deliver(batch)
 
 
 class _Starts:
-    """How many subscription tasks publishes have started: a publish that started one lets it run at once."""
+    """What publishes need to know of the subscription tasks to choose when to yield.
 
-    __slots__ = ("count",)
+    `count`: how many tasks publishes have started (a publish that started one lets it run at once).
+    `taken`: how many messages the last task to take any took at once. Publishes yield every ``taken + 1``
+    (at most every _PUBLISHES_PER_YIELD): under a light load the tasks take one or two at a time, so each
+    message waits for few others (latency); under a flood what they take grows by one each round up to the
+    cap, so a burst is still taken in a few batches (throughput).
+    """
+
+    __slots__ = ("count", "taken")
 
     def __init__(self) -> None:
         self.count = 0
+        self.taken = 0
 
 
 class _SubscriptionTask:
@@ -534,6 +544,7 @@ class _EphemeralSubscription:
                     break
             if not batch:
                 return
+            self.task.starts.taken = len(batch)
             self.in_hand = len(batch)
             try:
                 await self.inbox.deliver(batch)  # if cancelled, it counts the rest as dropped
@@ -632,10 +643,12 @@ class MemoryBackend:
         started = self._starts.count
         self._publish_now(t, out)
         # A schedule point when this publish started an idle subscription's task (it runs at once: low
-        # latency), else every few publishes: a burst lets the running tasks take what accumulated in one
-        # batch, not one task switch per message (throughput).
+        # latency), else every few publishes (see _Starts): a burst lets the running tasks take what
+        # accumulated in one batch, not one task switch per message (throughput), while under a light load
+        # a message does not wait for up to 15 later ones to be published and handled first (latency).
         self._since_yield += 1
-        if self._starts.count != started or self._since_yield >= _PUBLISHES_PER_YIELD:
+        every = min(self._starts.taken + 1, _PUBLISHES_PER_YIELD)
+        if self._starts.count != started or self._since_yield >= every:
             self._since_yield = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
 
