@@ -639,7 +639,9 @@ async def test_a_cancelled_bus_hands_unsettled_messages_to_the_next_subscriber_a
         took = trio.current_time() - start
     assert sorted(m.data for m in seen) == [str(i).encode() for i in range(5)]
     assert all(m.attempt == 2 for m in seen)
-    assert took < 10  # not ack_wait (30 s): the naks reached the server after our pull requests were gone
+    # Well under ack_wait (30 s): the naks reached the server after our pull requests were gone. (About 7 s
+    # on a quiet machine; the bound leaves room for a loaded one and still tells the two apart.)
+    assert took < 20
 
 
 @pytest.mark.nats
