@@ -13,9 +13,10 @@ DEFAULT_MAX_MSGS a publish waits while a subscriber can make room, else raises T
 A publish only stores (appends to the log, or puts into each ephemeral subscriber's buffer) and wakes the
 subscription's task. That task takes what was stored in batches and hands them to the bus (`Inbox.deliver`:
 decoding, keys and the wait for room in the worker queues happen there, never in the publisher's task).
-A subscription's task runs while it has something to take and exits when it has taken everything; the
-next publish starts it again. So an idle subscription costs no task: a thousand quiet topics cost no more
-tasks than one (flat cost, guarantee 4).
+A subscription's task runs while it has something to take and exits one scheduling round after it has
+taken everything (a publisher still publishing finds it running, not gone); the next publish starts it
+again. So an idle subscription costs no task: a thousand quiet topics cost no more tasks than one (flat
+cost, guarantee 4).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ _EVICTION_LOG_INTERVAL = 10.0
 DEDUP_WINDOW = 120.0
 _BATCH = 256
 _PUBLISHES_PER_YIELD = 16
+#: Publishes in a run (see _Starts) per extra publish between two yields.
+_RUN_PER_STEP = 64
 
 
 @attrs.define(eq=False)
@@ -408,46 +411,61 @@ class _Group:
         if self.topic.room:
             self.topic.room.unpark_all()  # publishers waiting for this group to make room must give up
 
-    async def deliver(self) -> None:
+    async def deliver(self) -> bool:
         """The subscription task's body: hand the group's messages to its inbox in batches until none is left.
 
-        Taken messages stay outstanding until settled: if cancelled mid-batch, what was not queued is handed
-        back by `detach`, in log order.
+        Returns whether it handed any. Taken messages stay outstanding until settled: if cancelled mid-batch,
+        what was not queued is handed back by `detach`, in log order.
         """
+        took = False
         while self.inbox is not None:
             batch = self.take(_BATCH)
             if not batch:
-                return
-            if self.task is not None:
-                self.task.starts.taken = len(batch)
+                break
+            took = True
             await self.inbox.deliver(batch)
+        return took
 
 
 class _Starts:
     """What publishes need to know of the subscription tasks to choose when to yield.
 
     `count`: how many tasks publishes have started (a publish that started one lets it run at once).
-    `taken`: how many messages the last task to take any took at once. Publishes yield every ``taken + 1``
-    (at most every _PUBLISHES_PER_YIELD): under a light load the tasks take one or two at a time, so each
-    message waits for few others (latency); under a flood what they take grows by one each round up to the
-    cap, so a burst is still taken in a few batches (throughput).
+    `running`: how many tasks run now. `run`: publishes since a task started while none ran, or since the
+    last running one exited. A publish yields every ``1 + run // _RUN_PER_STEP`` publishes (at most every
+    _PUBLISHES_PER_YIELD): a burst of up to _RUN_PER_STEP back-to-back publishes goes one message per
+    scheduling round, so no message waits for later ones to be published and handled first (latency); a
+    flood is taken in ever bigger batches, up to the cap after about a thousand publishes (throughput).
+    Since a task lingers one round after it found nothing, a flood keeps it running and the run growing;
+    only a pause long enough for every task to exit starts a new run.
     """
 
-    __slots__ = ("count", "taken")
+    __slots__ = ("count", "run", "running")
 
     def __init__(self) -> None:
         self.count = 0
-        self.taken = 0
+        self.running = 0
+        self.run = 0
+
+    def every(self) -> int:
+        """Publishes between two yields now."""
+        return min(1 + self.run // _RUN_PER_STEP, _PUBLISHES_PER_YIELD)
 
 
 class _SubscriptionTask:
-    """A subscription's task: runs `body` while there is something to take; woken (started) by publishes."""
+    """A subscription's task: runs `body` while there is something to take; woken (started) by publishes.
+
+    `body` returns whether it took anything. When it did, the task checks once more one scheduling round
+    later before it exits: a publisher in the middle of a burst (which yields every publish, see _Starts)
+    finds the task running, not gone, so the next message costs no task start, and a flood keeps it
+    running (the signal publishes batch on).
+    """
 
     # Slots, and nothing allocated while idle: one of these exists per subscription (flat cost).
     __slots__ = ("body", "done", "nursery", "scope", "starts", "stopped", "topic")
 
     def __init__(
-        self, nursery: trio.Nursery, body: Callable[[], Awaitable[None]], topic: str, starts: _Starts
+        self, nursery: trio.Nursery, body: Callable[[], Awaitable[bool]], topic: str, starts: _Starts
     ) -> None:
         self.nursery = nursery
         self.body = body
@@ -463,7 +481,11 @@ class _SubscriptionTask:
             self.scope = trio.CancelScope()
             self.done = trio.Event()
             self.nursery.start_soon(self._run, name=f"keyedbus-subscription-{self.topic}")
-            self.starts.count += 1
+            starts = self.starts
+            starts.count += 1
+            if not starts.running:
+                starts.run = 0
+            starts.running += 1
 
     async def _run(self) -> None:
         assert self.scope is not None
@@ -471,12 +493,17 @@ class _SubscriptionTask:
         done = self.done
         try:
             with self.scope:
-                await self.body()
+                while await self.body():
+                    await trio.lowlevel.checkpoint()  # linger one round: see the class docstring
         finally:
             # No checkpoint between the body finding nothing left and this: no publish is missed.
             self.scope = None
             self.done = None
             done.set()
+            starts = self.starts
+            starts.running -= 1
+            if not starts.running:
+                starts.run = 0
 
     async def stop(self) -> None:
         """Stop for good: cancel the task if it runs and wait until it has exited."""
@@ -532,9 +559,13 @@ class _EphemeralSubscription:
             return
         self.task.wake()
 
-    async def _deliver(self) -> None:
-        """The subscription task's body: hand what waits in the buffer to the inbox, in batches."""
+    async def _deliver(self) -> bool:
+        """The subscription task's body: hand what waits in the buffer to the inbox, in batches.
+
+        Returns whether it handed any.
+        """
         changed = self.topic.changed
+        took = False
         while True:
             batch: list[AtMostOnceDelivery] = []
             while len(batch) < _BATCH:
@@ -543,8 +574,8 @@ class _EphemeralSubscription:
                 except trio.WouldBlock:
                     break
             if not batch:
-                return
-            self.task.starts.taken = len(batch)
+                return took
+            took = True
             self.in_hand = len(batch)
             try:
                 await self.inbox.deliver(batch)  # if cancelled, it counts the rest as dropped
@@ -640,15 +671,16 @@ class MemoryBackend:
                 await t.room.park()
         else:
             await trio.lowlevel.checkpoint_if_cancelled()  # cancelled: nothing stored
-        started = self._starts.count
+        starts = self._starts
+        started = starts.count
         self._publish_now(t, out)
         # A schedule point when this publish started an idle subscription's task (it runs at once: low
-        # latency), else every few publishes (see _Starts): a burst lets the running tasks take what
-        # accumulated in one batch, not one task switch per message (throughput), while under a light load
-        # a message does not wait for up to 15 later ones to be published and handled first (latency).
+        # latency), else every few publishes (see _Starts): every publish in a short burst (a message does
+        # not wait for later ones to be published and handled first: latency), every few in a flood (the
+        # running tasks take what accumulated in one batch, not one task switch per message: throughput).
+        starts.run += 1
         self._since_yield += 1
-        every = min(self._starts.taken + 1, _PUBLISHES_PER_YIELD)
-        if self._starts.count != started or self._since_yield >= every:
+        if starts.count != started or self._since_yield >= starts.every():
             self._since_yield = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
 

@@ -1,0 +1,185 @@
+"""Where the `latency` scenario's time goes: trio scheduling rounds per message, counted with an Instrument.
+
+    python -m benchmarks.trace_latency [--side ours|baseline] [--messages 5000] [--keys 1000]
+
+Runs one side of `latency` (benchmarks/_bench_run.py, its own pacing: half the side's measured maximum rate,
+a burst every 1 ms) under a trio Instrument, and prints for the paced messages: the scheduling rounds (one
+io wait, then one batch of runnable tasks) between the publish and the handler start, the task steps and
+their time per message, tasks spawned, rounds with a garbage collection, and the rounds of the median, the
+99th percentile and the slowest message (which tasks ran, steps over 50 us). The instrument slows every
+step a little: the counts are what matter; absolute times are inflated and, on a busy machine, noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import gc
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import trio
+
+from benchmarks import _bench_run
+
+
+def _short(name: str) -> str:
+    if name.startswith("keyedbus-worker-"):
+        return "worker"
+    if name.startswith("keyedbus-subscription-"):
+        return "subscription"
+    return name.rsplit(".", 1)[-1]  # the publisher is the bench's main task, `_run`
+
+
+@contextlib.contextmanager
+def _gc_watch(on_start: Callable[[int], None]) -> Any:
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            on_start(info["generation"])
+
+    gc.callbacks.append(callback)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(callback)
+
+
+class _Round:
+    __slots__ = ("gcs", "io_wait", "spawned", "started", "steps")
+
+    def __init__(self, started: float, io_wait: float) -> None:
+        self.started = started
+        self.io_wait = io_wait
+        self.steps: list[tuple[str, float]] = []  # (task, seconds) in run order
+        self.spawned = 0
+        self.gcs: list[int] = []  # generations collected
+
+
+class _Rounds(trio.abc.Instrument):
+    """Records trio's scheduling rounds and the task steps in each."""
+
+    def __init__(self) -> None:
+        self.rounds = [_Round(time.perf_counter(), 0.0)]
+        self._wait_from = 0.0
+        self._step_from = 0.0
+        self._task = ""
+
+    @property
+    def current(self) -> int:
+        return len(self.rounds) - 1
+
+    def before_io_wait(self, timeout: float) -> None:
+        self._wait_from = time.perf_counter()
+
+    def after_io_wait(self, timeout: float) -> None:
+        now = time.perf_counter()
+        self.rounds.append(_Round(now, now - self._wait_from))
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.rounds[-1].spawned += 1
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._task = _short(task.name)
+        self._step_from = time.perf_counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.rounds[-1].steps.append((self._task, time.perf_counter() - self._step_from))
+
+    def collected(self, generation: int) -> None:
+        self.rounds[-1].gcs.append(generation)
+
+
+async def _run(side: str, params: dict[str, Any]) -> None:
+    instrument = _Rounds()
+    sent: dict[float, int] = {}  # stamp -> round of the publish
+    handled: dict[float, tuple[int, float]] = {}  # stamp -> round and time of the handler start
+    original = _bench_run._latency
+
+    async def traced(p: dict[str, Any], publish: Any, setup: Callable[[Any], Any]) -> dict[str, Any]:
+        @contextlib.asynccontextmanager
+        async def traced_setup(on_message: Any) -> AsyncIterator[Any]:
+            async def on(stamp: float) -> None:
+                handled[stamp] = (instrument.current, time.perf_counter())
+                await on_message(stamp)
+
+            async with setup(on) as send:
+
+                async def traced_send(key: str, stamp: float) -> None:
+                    sent[stamp] = instrument.current
+                    await send(key, stamp)
+
+                yield traced_send
+
+        return await original(p, publish, traced_setup)
+
+    _bench_run._latency = traced
+    trio.lowlevel.add_instrument(instrument)
+    try:
+        with _gc_watch(instrument.collected):
+            result = await getattr(_bench_run, f"{side}_latency")(params)
+    finally:
+        trio.lowlevel.remove_instrument(instrument)
+        _bench_run._latency = original
+    print(
+        f"{side}: p99 {result['value']:.3f} ms, p50 {result['p50_ms']:.3f} ms at {result['rate']:.0f} msgs/s"
+    )
+    stamps = sorted(sent)[params["probe"] :]  # the paced part only
+    # (latency, rounds from publish to handler start, round of the publish, round of the handler start)
+    rows = sorted((handled[s][1] - s, handled[s][0] - sent[s], sent[s], handled[s][0]) for s in stamps)
+    _summary(instrument.rounds, rows)
+
+
+def _summary(rounds: list[_Round], rows: list[tuple[float, int, int, int]]) -> None:
+    count = len(rows)
+    spans = collections.Counter(r[1] for r in rows)
+    print(f"rounds from publish to handler start (count of messages): {sorted(spans.items())}")
+    paced = [rounds[i] for i in range(min(r[2] for r in rows), max(r[3] for r in rows) + 1)]
+    busy = sorted(sum(t for _, t in r.steps) for r in paced if r.steps)
+    own: dict[str, float] = collections.defaultdict(float)
+    steps: collections.Counter[str] = collections.Counter()
+    for r in paced:
+        for name, took in r.steps:
+            own[name] += took
+            steps[name] += 1
+    outside = (paced[-1].started - paced[0].started - sum(own.values())) / len(paced)
+    print(
+        f"paced part: {len(paced)} rounds for {count} messages; time in steps per non-empty round p50 "
+        f"{statistics.median(busy) * 1e6:.1f} us, p99 {busy[int(len(busy) * 0.99)] * 1e6:.1f} us; "
+        f"outside steps (run loop, io wait, instrument) {outside * 1e6:.1f} us per round"
+    )
+    print(f"task steps per message: { {k: round(v / count, 2) for k, v in steps.most_common(6)} }")
+    print(f"step time per message (us): { {k: round(v / count * 1e6, 1) for k, v in sorted(own.items())} }")
+    gcs = [g for r in paced for g in r.gcs]
+    print(
+        f"tasks spawned per message {sum(r.spawned for r in paced) / count:.3f}; garbage collections "
+        f"{len(gcs)} (generation 2: {gcs.count(2)})"
+    )
+    for label, row in (("p50", rows[count // 2]), ("p99", rows[int(count * 0.99)]), ("max", rows[-1])):
+        latency, span, first, last = row
+        print(f"{label} message: {latency * 1e3:.3f} ms, {span} round(s) after its publish:")
+        for i in range(first, last + 1):
+            r = rounds[i]
+            length = rounds[i + 1].started - r.started if i + 1 < len(rounds) else 0.0
+            names = collections.Counter(name for name, _ in r.steps)
+            slow = [(name, round(t * 1e6)) for name, t in r.steps if t > 50e-6]
+            print(
+                f"  round +{i - first}: {length * 1e6:8.1f} us (io wait before it {r.io_wait * 1e6:.1f}); "
+                f"steps {dict(names)}; spawned {r.spawned}; gc {r.gcs}; steps over 50 us {slow[:6]}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--side", default="ours", choices=("ours", "baseline"))
+    parser.add_argument("--messages", type=int, default=5_000)
+    parser.add_argument("--keys", type=int, default=1_000)
+    parser.add_argument("--probe", type=int, default=5_000)
+    args = parser.parse_args()
+    trio.run(_run, args.side, {"messages": args.messages, "keys": args.keys, "probe": args.probe})
+
+
+if __name__ == "__main__":
+    main()

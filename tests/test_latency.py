@@ -1,0 +1,63 @@
+"""memory:// under a light load: each message of a short burst is handled as it is published, not batched."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+import keyedbus
+
+EPHEMERAL = keyedbus.TopicConfig(persistence="ephemeral")
+
+
+def _all_tasks() -> int:
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    count, stack = 0, [root]
+    while stack:
+        task = stack.pop()
+        count += 1
+        stack.extend(t for n in task.child_nurseries for t in n.child_tasks)
+    return count
+
+
+@pytest.mark.parametrize("config", [keyedbus.TopicConfig(), EPHEMERAL], ids=["persistent", "ephemeral"])
+async def test_a_short_burst_is_handled_as_it_is_published(config: keyedbus.TopicConfig) -> None:
+    handled: list[int] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        handled.append(int(msg.data))
+
+    async with keyedbus.open_bus() as bus:
+        await bus.configure_topic("burst", config)
+        await bus.subscribe("burst", handler)
+        behind = []
+        for i in range(50):
+            await bus.publish("burst", str(i).encode(), key=f"key-{i}")
+            behind.append(i + 1 - len(handled))
+        # publish -> subscription task -> worker: two hops, each one scheduling round (a task woken in one
+        # round runs in the next), one publish per round. A publisher that ran ahead by several publishes
+        # before yielding would make every message of the burst wait for later ones.
+        assert max(behind) <= 3, behind
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(handled) == list(range(50))
+
+
+@pytest.mark.parametrize("config", [keyedbus.TopicConfig(), EPHEMERAL], ids=["persistent", "ephemeral"])
+async def test_a_quiet_subscription_keeps_no_task(config: keyedbus.TopicConfig) -> None:
+    async with keyedbus.open_bus(pool=keyedbus.PoolConfig(workers=4)) as bus:
+        await bus.configure_topic("quiet", config)
+        await bus.subscribe("quiet", noop)
+        await trio.testing.wait_all_tasks_blocked()
+        idle = _all_tasks()
+        for i in range(100):
+            await bus.publish("quiet", b"x", key=f"key-{i}")
+        await trio.testing.wait_all_tasks_blocked()
+        # Its subscription task ran while there was something to take, then exited (flat cost).
+        assert bus.statistics().handled == 100
+        assert _all_tasks() == idle
+
+
+async def noop(msg: keyedbus.Message) -> None:
+    pass
