@@ -138,6 +138,10 @@ class KeyedWorkerPool:
         ]
         self._send = [send for send, _ in channels]
         self._receive = [receive for _, receive in channels]
+        #: Per channel: messages sent (or being sent) into it and not yet received. Never 0 while one is in
+        #: it, so a worker skips looking into an empty channel (trio's receive_nowait raises WouldBlock:
+        #: an exception per look, twice per message).
+        self._queued = [0] * workers
         #: Per worker: messages received into its lanes and not yet settled (ready, running, parked).
         self._held = [0] * workers
         #: Per worker: where it waits (_CHANNEL, _LOT), or None while it works.
@@ -243,6 +247,7 @@ class KeyedWorkerPool:
             self._call_for_help(index)
             return False
         self._items += 1
+        self._queued[index] += 1
         if self._waiting[index] is None:
             self._call_for_help(index)
         return True
@@ -255,9 +260,11 @@ class KeyedWorkerPool:
         """
         # Counted before the wait: the worker may take it and settle it before this task runs again.
         self._items += 1
+        self._queued[index] += 1
         try:
             await self._send[index].send(item)
         except BaseException:
+            self._queued[index] -= 1
             self._settled()
             raise
 
@@ -296,16 +303,21 @@ class KeyedWorkerPool:
 
     def _take(self, index: int) -> None:
         """Move what waits in worker `index`'s channel into its lanes, up to its bound."""
+        queued = self._queued
         receive = self._receive[index]
         held = self._held
         limit = self.config.queue_size
         while held[index] < limit:
+            if not queued[index]:
+                self._stealable.discard(index)
+                return
             try:
                 item = receive.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 self._stealable.discard(index)
                 return
             if item is not None:
+                queued[index] -= 1
                 self._admit(index, item)
 
     def _admit(self, index: int, item: AggregateMessage) -> None:
@@ -379,6 +391,7 @@ class KeyedWorkerPool:
                         ended = True
                     else:
                         if item is not None:
+                            self._queued[index] -= 1
                             self._admit(index, item)
                             item = None  # an idle worker keeps no message (nor its subscription) alive
             finally:

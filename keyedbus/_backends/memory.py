@@ -177,10 +177,11 @@ class _Topic:
     def entry(self, seq: int) -> _Entry:
         return self.log[seq - self.first_seq]
 
-    def make_room(self, size: int, now: float) -> bool:
+    def make_room(self, size: int, now: float | None = None) -> bool:
         """Evict what the limits say must go for a message of `size` bytes; False if it must wait instead.
 
-        Only limits the user set, and the bound of a topic no group has subscribed to, evict.
+        Only limits the user set, and the bound of a topic no group has subscribed to, evict. `now` (for the
+        eviction log) is read from the clock only when something is evicted: most publishes evict nothing.
         """
         cfg = self.config
         if not self.groups:
@@ -201,7 +202,7 @@ class _Topic:
     def _evict(
         self,
         why: str,
-        now: float,
+        now: float | None,
         *,
         max_msgs: int | None = None,
         max_bytes: int | None = None,
@@ -226,7 +227,7 @@ class _Topic:
         for group in groups:
             group.skip_to(self.first_seq)
         if unsettled:
-            self.evictions.record(self, unsettled, why, now)
+            self.evictions.record(self, unsettled, why, trio.current_time() if now is None else now)
 
     def can_make_room(self) -> str | None:
         """None if a subscriber may settle the oldest message; else why nobody can (for TopicFullError)."""
@@ -274,17 +275,24 @@ class _Topic:
         if self.changed:
             self.changed.unpark_all()
 
-    def trim(self, now: float) -> None:
-        """Drop what every group has acked, and evict what is older than max_age."""
-        if self.groups:
-            low = min(g.floor for g in self.groups.values())
+    def trim(self, now: float | None = None) -> None:
+        """Drop what every group has acked, and evict what is older than max_age (`now`: the clock's)."""
+        groups = self.groups
+        if groups:
+            # Called on every ack that moves a floor: one group (the common case) needs no min().
+            if len(groups) == 1:
+                low = next(iter(groups.values())).floor
+            else:
+                low = min(g.floor for g in groups.values())
             while self.log and self.log[0].seq < low:
                 self.bytes -= len(self.log.popleft().data)
             if not self.log:
                 self.log = _NO_LOG
         max_age = self.config.max_age
-        if max_age is not None and self.log and self.log[0].stored_at <= now - max_age:
-            self._evict(f"TopicConfig max_age={max_age}", now, older_than=now - max_age)
+        if max_age is not None and self.log:
+            now = trio.current_time() if now is None else now
+            if self.log[0].stored_at <= now - max_age:
+                self._evict(f"TopicConfig max_age={max_age}", now, older_than=now - max_age)
         if self.room:
             self.room.unpark_all()
 
@@ -351,15 +359,18 @@ class _Group:
     def take(self, limit: int) -> list[_Delivery]:
         out: list[_Delivery] = []
         topic = self.topic
+        log = topic.log
+        first = topic.first_seq  # nothing is stored or trimmed while it takes
+        outstanding = self.outstanding
         while len(out) < limit and (self.redeliver or self.cursor < topic.next_seq):
             if self.redeliver:
                 seq = self.redeliver.pop()
             else:
                 seq = self.cursor
                 self.cursor += 1
-            count = self.outstanding.get(seq, 0) + 1
-            self.outstanding[seq] = count
-            entry = topic.entry(seq)
+            count = outstanding.get(seq, 0) + 1
+            outstanding[seq] = count
+            entry = log[seq - first]
             message = Message(
                 topic=topic.name,
                 data=entry.data,
@@ -397,7 +408,7 @@ class _Group:
                     self.floor += 1
                 if not acked:
                     self.acked = None
-            self.topic.trim(trio.current_time())
+            self.topic.trim()
         if self.topic.changed:
             self.topic.changed.unpark_all()
 
@@ -663,8 +674,8 @@ class MemoryBackend:
         """
         self._check_size(out)
         t = self._topic(out.topic, out.config)
-        if t.config.persistent and not t.make_room(len(out.data), trio.current_time()):
-            while not t.make_room(len(out.data), trio.current_time()):
+        if t.config.persistent and not t.make_room(len(out.data)):
+            while not t.make_room(len(out.data)):
                 self._full(t)
                 if t.room is _NOBODY_WAITS:
                     t.room = trio.lowlevel.ParkingLot()
@@ -688,7 +699,7 @@ class MemoryBackend:
         """Like publish, but raise trio.WouldBlock where publish would wait."""
         self._check_size(out)
         t = self._topic(out.topic, out.config)
-        if t.config.persistent and not t.make_room(len(out.data), trio.current_time()):
+        if t.config.persistent and not t.make_room(len(out.data)):
             self._full(t)
             raise trio.WouldBlock
         self._publish_now(t, out)
