@@ -25,3 +25,51 @@ def test_delivery_info_reads_what_nats_py_metadata_reads(reply: str) -> None:
     msg = Msg(None, subject="orders", reply=reply, data=b"x", headers=None)  # type: ignore[arg-type]
     meta = Msg(None, subject="orders", reply=reply, data=b"x", headers=None).metadata  # type: ignore[arg-type]
     assert _natspy.delivery_info(msg) == (meta.sequence.stream, meta.num_delivered, meta.num_pending)
+
+
+def _nats_py_command(subject: str, data: bytes, headers: dict[str, str] | None) -> bytes:
+    """What nats-py's own publish buffers for this message (its `_send_publish`, run without a server)."""
+    import nats.aio.client
+
+    nc = nats.aio.client.Client()
+    step = nc._send_publish(subject, "", data, len(data), headers)
+    with pytest.raises(StopIteration):  # nothing in it waits: it only appends to the outgoing buffer
+        step.send(None)
+    [command] = nc._pending
+    return bytes(command)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Aggregate-ID": "order-1", "Nats-Msg-Id": "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"},
+        {"Trace": "  padded\tvalue \t", "Vertical": "\x0bstripped by str.strip()\x0c"},
+        {"Line": "one\r\ntwo\nthree\rfour", "Unicode": "größe ✓"},
+        {" Spaced-Name ": "v", "   ": "an empty name is skipped", "Empty": ""},
+        {},
+    ],
+)
+def test_core_publish_commands_are_what_nats_py_would_send_byte_for_byte(headers: dict[str, str]) -> None:
+    from keyedbus._backends import _natspy
+
+    data = b"payload \x00\xff"
+    command, size = _natspy.publish_command("orders.eu", data, headers)
+    assert command == _nats_py_command("orders.eu", data, headers or None)
+    if headers:  # HPUB <subject> <reply> <header bytes> <total bytes>: the size the server counts
+        assert size == int(command.split(b"\r\n", 1)[0].split()[-1])
+        assert size == _natspy.encoded_size(data, headers)
+    else:
+        assert size == len(data)
+    again, _ = _natspy.publish_command("orders.eu", data, headers)  # names now known valid: same bytes
+    assert again == command
+
+
+def test_a_header_name_nats_py_refuses_is_refused_the_same_way() -> None:
+    import nats.errors
+
+    from keyedbus._backends import _natspy
+
+    with pytest.raises(nats.errors.BadHeaderError):
+        _natspy.publish_command("orders", b"x", {"Bad Name": "v"})
+    with pytest.raises(nats.errors.BadHeaderError):
+        _nats_py_command("orders", b"x", {"Bad Name": "v"})

@@ -5,6 +5,7 @@ Each test starts its own nats-server; a foreign client is plain nats-py on plain
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -163,6 +164,33 @@ async def test_an_ephemeral_publish_carries_nats_msg_id_on_the_wire(nats_server:
     [msg] = got
     assert msg["headers"]["Nats-Msg-Id"] == "tick-9"
     assert msg["headers"]["X-Aggregate-ID"] == "k"
+
+
+@pytest.mark.nats
+async def test_core_publishes_past_nats_pys_outgoing_buffer_reach_a_foreign_client_whole_and_in_order(
+    nats_server: NatsServer,
+) -> None:
+    # 24 x 256 KiB: more than nats-py's 2 MiB outgoing buffer between two of the publisher's schedule
+    # points, so some publishes are written straight into the buffer and some wait for nats-py's flush.
+    count, size = 24, 256 * 1024
+    with trio.fail_after(60):
+        async with keyedbus.open_bus(nats_server.url) as bus, trio.open_nursery() as nursery:
+            await bus.configure_topic("blobs", keyedbus.TopicConfig(persistence="ephemeral"))
+            got: list[Any] = []
+
+            async def read() -> None:
+                got.extend(await foreign_reader(nats_server.url, "blobs", count, ready))
+
+            ready = trio.Event()
+            nursery.start_soon(read)
+            await ready.wait()
+            for i in range(count):
+                await bus.publish("blobs", str(i).encode().ljust(size, b"."), key="blob", message_id=f"b-{i}")
+    assert [base64.b64decode(m["data_b64"]).split(b".", 1)[0] for m in got] == [
+        str(i).encode() for i in range(count)
+    ]
+    assert all(len(base64.b64decode(m["data_b64"])) == size for m in got)
+    assert [m["headers"]["Nats-Msg-Id"] for m in got] == [f"b-{i}" for i in range(count)]
 
 
 async def foreign_reader(url: str, subject: str, count: int, ready: trio.Event) -> list[Any]:

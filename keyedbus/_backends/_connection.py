@@ -27,11 +27,13 @@ from . import _natspy
 from ._aio import aio, open_loop
 from ._urls import safe_url
 
-__all__ = ["NatsConnection", "Publish", "connect", "message_from", "open_loop"]
+__all__ = ["NatsConnection", "Publish", "connect", "message_from", "open_loop", "publish_error"]
 
 logger = logging.getLogger("keyedbus")
 
 _BATCH = 256
+#: Core publishes between two schedule points of the publisher (it checks for cancellation at each one).
+_YIELD_EVERY = 16
 
 
 def message_from(topic: str, data: bytes | None, headers: dict[str, str] | None, attempt: int) -> Message:
@@ -87,6 +89,7 @@ class NatsConnection:
         #: Publishes handed to the pump and not yet written to the connection (the drain waits for them).
         self.unsent = 0
         self.closing = False
+        self._since_yield = 0
         #: Stored messages removed (limits, deletions) before a subscribed group got them.
         self.evicted = 0
         #: Called with a subscription's sid when nats-py dropped a message for it (slow consumer).
@@ -127,6 +130,35 @@ class NatsConnection:
         self._pub_send.send_nowait(request)
         self.publish_count += 1
         self.unsent += 1
+
+    async def publish_core(self, request: Publish, command: bytes) -> None:
+        """Send a core-NATS publish (`command`, encoded by `_natspy.publish_command`) from this task.
+
+        Written straight into nats-py's outgoing buffer, in call order, without the publish pump or a
+        crossing; only when nats-py would make its caller wait (reconnecting, the buffer full) is
+        `nc.publish` awaited on the asyncio side. A cancel point every call, a schedule point every
+        16 calls (the flusher and the subscribers run then). If cancelled, nothing was sent unless that
+        asyncio call had started. Raises PublishError when nats-py refuses the message (closed connection,
+        reconnect buffer full).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.publish_count += 1
+        if not _natspy.buffer_command(self.nc, command, len(request.data)):
+            try:
+                await aio(self.nc.publish)(request.topic, request.data, headers=request.headers or None)
+            except (nats.errors.Error, OSError) as exc:
+                raise publish_error(request, exc, sent=False) from exc
+        self._since_yield += 1
+        if self._since_yield >= _YIELD_EVERY:
+            self._since_yield = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def publish_core_nowait(self, request: Publish, command: bytes) -> None:
+        """Send a core-NATS publish as `publish_core` does, or raise trio.WouldBlock if nats-py would make
+        its caller wait (reconnecting, its outgoing buffer full)."""
+        if not _natspy.buffer_command(self.nc, command, len(request.data)):
+            raise trio.WouldBlock
+        self.publish_count += 1
 
     def forget_published(self, topic: str) -> None:
         """The topic's stream was replaced by an empty one: its old sequences mean nothing now."""
@@ -186,12 +218,12 @@ class NatsConnection:
                 else:
                     await self.nc.publish(request.topic, request.data, headers=request.headers or None)
             except Exception as exc:
-                results[index] = _publish_error(request, exc, sent=False)
+                results[index] = publish_error(request, exc, sent=False)
         if pending:
             acks = await asyncio.gather(*(c for _, c in pending), return_exceptions=True)
             for (index, _), ack in zip(pending, acks, strict=True):
                 if isinstance(ack, BaseException):
-                    results[index] = _publish_error(batch[index], ack, sent=True)
+                    results[index] = publish_error(batch[index], ack, sent=True)
                 else:
                     results[index] = int(ack.seq)
         return results
@@ -265,7 +297,7 @@ async def _gather(receive: trio.MemoryReceiveChannel[Publish], first: Publish) -
     return batch
 
 
-def _publish_error(request: Publish, exc: BaseException, *, sent: bool) -> KeyedBusError:
+def publish_error(request: Publish, exc: BaseException, *, sent: bool) -> KeyedBusError:
     """The error a publisher sees, with the nats-py error as its cause."""
     topic, message_id = request.topic, request.message_id
     reason = f"{type(exc).__name__}: {exc}".rstrip(": ")

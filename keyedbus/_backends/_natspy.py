@@ -12,9 +12,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from typing import Any
+
+import nats.aio.client
+import nats.errors
 
 from .._errors import ConnectionFailedError
 
@@ -22,6 +26,7 @@ __all__ = [
     "PIN_HEADER",
     "SUPPORTED",
     "api_prefix",
+    "buffer_command",
     "client_of",
     "check_version",
     "delivery_info",
@@ -29,6 +34,7 @@ __all__ = [
     "install_header_parser",
     "encoded_size",
     "is_data",
+    "publish_command",
     "request_pull",
     "status_of",
     "stored_headers",
@@ -110,6 +116,71 @@ def encoded_size(data: bytes, headers: dict[str, str] | None) -> int:
         if name.strip():
             size += len(name.strip().encode()) + len(value.strip().encode()) + 4
     return len(data) + size
+
+
+#: nats-py's rule for header names (`_HEADER_KEY_RE`) and its newline replacement in values.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+_CONNECTED = nats.aio.client.Client.CONNECTED
+#: Header names already found valid as they are (no surrounding spaces): few, sent over and over.
+_GOOD_NAMES: set[str] = set()
+
+
+def publish_command(subject: str, data: bytes, headers: Mapping[str, str]) -> tuple[bytes, int]:
+    """The protocol command nats-py's `publish(subject, data, headers=headers)` buffers, byte for byte, and
+    the size nats-server counts against max_payload (encoded headers plus payload).
+
+    Names and values are stripped, values' CR and LF become spaces, a name nats-py refuses raises its
+    BadHeaderError, as in nats-py's `_send_publish`. No headers: a PUB, as nats-py sends for `headers=None`.
+    """
+    if not headers:
+        return f"PUB {subject}  {len(data)}\r\n".encode() + data + b"\r\n", len(data)
+    lines = ["NATS/1.0\r\n"]
+    for name, value in headers.items():
+        if name not in _GOOD_NAMES:
+            stripped = name.strip()
+            if not stripped:
+                continue  # nats-py skips an empty name
+            if not _HEADER_NAME.fullmatch(stripped):
+                raise nats.errors.BadHeaderError(stripped)
+            if stripped == name and len(_GOOD_NAMES) < 10_000:  # bounded, whatever a program sends
+                _GOOD_NAMES.add(name)
+            name = stripped
+        value = value.strip()
+        if "\r" in value or "\n" in value:
+            value = value.translate(_NEWLINES)
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    block = "".join(lines).encode()
+    size = len(block) + len(data)
+    return b"".join((f"HPUB {subject}  {len(block)} {size}\r\n".encode(), block, data, b"\r\n")), size
+
+
+def buffer_command(nc: Any, command: bytes, payload_size: int) -> bool:
+    """Append a publish `command` to `nc`'s outgoing buffer and wake its flusher, as `nc.publish` does,
+    when that needs no waiting; return False (nothing done) when it would (not connected, the buffer full,
+    the flusher busy or gone): the caller then awaits `nc.publish` on the asyncio side.
+
+    Safe from a trio task: trio-asyncio runs asyncio's callbacks in a trio task of the same thread, so this
+    runs between two of them, as an asyncio task's synchronous step would. The buffer keeps call order.
+    """
+    if nc._status != _CONNECTED:
+        return False
+    size = nc._pending_data_size + len(command)
+    if 0 < nc._max_pending_size < size:
+        return False  # nats-py would wait here for the flusher to write the buffer out
+    queue: asyncio.Queue[Any] | None = nc._flush_queue
+    flusher: asyncio.Task[None] | None = nc._flusher_task
+    if queue is None or flusher is None or flusher.done() or queue.full():
+        return False
+    nc._pending.append(command)
+    nc._pending_data_size = size
+    stats = nc.stats
+    stats["out_msgs"] += 1
+    stats["out_bytes"] += payload_size
+    if queue.empty():  # nats-py kicks the flusher only when no kick is waiting
+        queue.put_nowait(flusher.get_loop().create_future())
+    return True
 
 
 def install_header_parser(client: Any, parse: Callable[[bytes], dict[str, str]]) -> None:

@@ -23,7 +23,7 @@ from .._messages import KEY_HEADER, MSG_ID_HEADER, Message
 from . import _natspy, _scaleout
 from ._aio import aio, loop_running
 from ._base import AtMostOnceDelivery, Inbox, Outgoing
-from ._connection import NatsConnection, Publish, message_from, open_loop
+from ._connection import NatsConnection, Publish, message_from, open_loop, publish_error
 from ._connection import connect as _connect
 from ._group import GroupSubscription
 from ._streams import consumer_name, explicit_settings, group_of
@@ -131,8 +131,9 @@ class NatsBackend:
 
     async def publish(self, out: Outgoing) -> None:
         if not out.config.persistent:
-            # Core NATS: "sent" means handed to the connection, as in nats-py; the pump sends it in a batch.
-            await self._conn.queue_publish(self._request(out, None))
+            # Core NATS: "sent" means handed to the connection, as in nats-py: written into its buffer here.
+            request = Publish(out.topic, out.data, self._headers(out), out.message_id, None)
+            await self._conn.publish_core(request, self._core_command(request))
             return
         for attempt in (1, 2):
             request = self._request(out, trio.Event())
@@ -168,16 +169,31 @@ class NatsBackend:
                 f"publish_nowait cannot wait for JetStream's store ack on persistent topic {out.topic!r}: "
                 "use 'await bus.publish(...)'"
             )
-        self._conn.queue_publish_nowait(self._request(out, None))
+        request = Publish(out.topic, out.data, self._headers(out), out.message_id, None)
+        self._conn.publish_core_nowait(request, self._core_command(request))
+
+    @staticmethod
+    def _headers(out: Outgoing) -> dict[str, str]:
+        """Every publish carries Nats-Msg-Id: JetStream keeps its own duplicate window whatever `out.dedup`
+        says, and a core subscriber sees the same `message_id` as on memory://."""
+        return {**out.headers, MSG_ID_HEADER: out.message_id}
+
+    def _core_command(self, request: Publish) -> bytes:
+        """The protocol command of a core publish, checked against the server's max_payload."""
+        try:
+            command, size = _natspy.publish_command(request.topic, request.data, request.headers)
+        except nats.errors.Error as exc:
+            raise publish_error(request, exc, sent=False) from exc
+        self._check_size(request, size)
+        return command
 
     def _request(self, out: Outgoing, done: trio.Event | None) -> Publish:
-        """The message for the publish pump, checked against the server's max_payload at the call.
+        """The message for the publish pump, checked against the server's max_payload at the call."""
+        request = Publish(out.topic, out.data, self._headers(out), out.message_id, done)
+        self._check_size(request, _natspy.encoded_size(out.data, request.headers))
+        return request
 
-        Every publish carries Nats-Msg-Id: JetStream keeps its own duplicate window whatever `out.dedup`
-        says, and a core subscriber sees the same `message_id` as on memory://.
-        """
-        headers = {**out.headers, MSG_ID_HEADER: out.message_id}
-        size = _natspy.encoded_size(out.data, headers)
+    def _check_size(self, out: Publish, size: int) -> None:
         limit = int(self._nc.max_payload)
         if size > limit:
             # nats-py checks the payload alone; the server counts headers too and would drop the
@@ -191,7 +207,6 @@ class NatsBackend:
                 topic=out.topic,
                 message_id=out.message_id,
             )
-        return Publish(out.topic, out.data, headers, out.message_id, done)
 
     # -- subscribing ----------------------------------------------------------------------------------
 
