@@ -34,6 +34,7 @@ __all__ = [
     "install_header_parser",
     "encoded_size",
     "is_data",
+    "make_waking",
     "publish_command",
     "request_pull",
     "status_of",
@@ -41,6 +42,7 @@ __all__ = [
     "subscription_id",
     "take",
     "take_nowait",
+    "wake_on_put",
 ]
 
 #: The nats-py releases whose private attributes this module was checked against.
@@ -96,14 +98,55 @@ async def take(sub: Any, limit: int, timeout: float | None = None) -> list[Any]:
     return batch
 
 
-def take_nowait(sub: Any) -> list[Any]:
-    """Every message queued in a callback-less subscription now (none waited for)."""
+def take_nowait(sub: Any, limit: int = 1 << 62) -> list[Any]:
+    """Up to `limit` messages queued in a callback-less subscription now (none waited for).
+
+    Keeps nats-py's byte count, as its next_msg() does. Synchronous: safe from a trio task (see
+    `buffer_command`).
+    """
     queue: asyncio.Queue[Any] = sub._pending_queue
     batch: list[Any] = []
-    while not queue.empty():
+    while len(batch) < limit and not queue.empty():
         batch.append(queue.get_nowait())
     sub._pending_size -= sum(len(m.data) for m in batch)
     return batch
+
+
+class _WakingQueue(asyncio.Queue[Any]):
+    """A subscription's message queue that also calls a waker (once) when nats-py puts a message in it."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.waker: Callable[[], None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        super().put_nowait(item)
+        waker, self.waker = self.waker, None
+        if waker is not None:
+            waker()
+
+
+def make_waking(sub: Any) -> None:
+    """Give a callback-less subscription a queue that can wake a trio task (see `wake_on_put`).
+
+    Call it on the asyncio side right after `nc.subscribe`; what was queued already is kept, in order.
+    """
+    old: asyncio.Queue[Any] = sub._pending_queue
+    queue = _WakingQueue(old.maxsize)
+    while not old.empty():
+        queue.put_nowait(old.get_nowait())
+    sub._pending_queue = queue
+
+
+def wake_on_put(sub: Any, waker: Callable[[], None] | None) -> None:
+    """Call `waker` (once) when nats-py next queues a message for `sub` (made waking); None: no longer.
+
+    nats-py queues messages in its reader task, which trio-asyncio runs inside a trio task, so the waker
+    may be a trio call such as `trio.Event.set`: a trio task waiting for messages wakes in the next
+    scheduling round, without a crossing into asyncio and back.
+    """
+    queue: _WakingQueue = sub._pending_queue
+    queue.waker = waker
 
 
 def encoded_size(data: bytes, headers: dict[str, str] | None) -> int:

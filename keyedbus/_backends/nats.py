@@ -56,24 +56,33 @@ class _CoreSubscription:
         await nursery.start(self._read)
 
     async def _read(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Take what nats-py queued, in batches, from this trio task: no crossing into asyncio per batch.
+
+        nats-py's reader wakes this task when it queues a message (`_natspy.wake_on_put`).
+        """
+        sub, topic = self.aio_sub, self.topic
         try:
             with self._scope:
                 task_status.started()
                 while True:
-                    raw = await aio(self._aio_take)()
+                    raw = _natspy.take_nowait(sub, _BATCH)
+                    if not raw:
+                        arrived = trio.Event()
+                        _natspy.wake_on_put(sub, arrived.set)
+                        try:
+                            await arrived.wait()
+                        finally:
+                            _natspy.wake_on_put(sub, None)
+                        continue
+                    # Neither in nats-py's queue nor in the pool until deliver returns: the drain must not
+                    # take that for idle.
+                    self.in_hand = len(raw)
                     await self.inbox.deliver(
-                        [AtMostOnceDelivery(message_from(self.topic, m.data, m.headers, 1)) for m in raw]
+                        [AtMostOnceDelivery(message_from(topic, m.data, m.headers, 1)) for m in raw]
                     )
                     self.in_hand = 0
         finally:
             self._stopped.set()
-
-    async def _aio_take(self) -> list[Any]:
-        batch = await _natspy.take(self.aio_sub, _BATCH)
-        # Counted here, on the asyncio side: between this return and the trio side resuming, the messages
-        # are in neither nats-py's queue nor the pool, and the drain must not take that for idle.
-        self.in_hand = len(batch)
-        return batch
 
     def idle(self) -> bool:
         pending = self.aio_sub.pending_msgs if self.aio_sub is not None else 0
@@ -260,6 +269,7 @@ class NatsBackend:
         # No callback: nats-py queues messages (up to _CORE_BUFFER, then counts a slow-consumer drop) and
         # _aio_take empties the queue in batches.
         sub = await self._nc.subscribe(topic, queue=group, pending_msgs_limit=_CORE_BUFFER)
+        _natspy.make_waking(sub)
         await self._nc.flush()  # the server knows the interest before subscribe returns
         return sub
 
