@@ -157,6 +157,20 @@ def _summary(rounds: list[_Round], rows: list[tuple[float, int, int, int]]) -> N
         f"tasks spawned per message {sum(r.spawned for r in paced) / count:.3f}; garbage collections "
         f"{len(gcs)} (generation 2: {gcs.count(2)})"
     )
+    # What the slowest 1% had in their rounds: a garbage collection, a step over 200 us (on a busy machine
+    # mostly the process preempted), more than 3 messages handled in a round (a backlog), or none of these.
+    causes: collections.Counter[str] = collections.Counter()
+    for _, _, first, last in rows[int(count * 0.99) :]:
+        between = rounds[first : last + 1]
+        if any(r.gcs for r in between):
+            causes["garbage collection"] += 1
+        elif any(t > 200e-6 for r in between for _, t in r.steps):
+            causes["a step over 200 us"] += 1
+        elif any(sum(name == "worker" for name, _ in r.steps) > 3 for r in between):
+            causes["a round handling over 3 messages"] += 1
+        else:
+            causes["none of these"] += 1
+    print(f"slowest 1% ({count - int(count * 0.99)} messages), in their rounds: {dict(causes)}")
     for label, row in (("p50", rows[count // 2]), ("p99", rows[int(count * 0.99)]), ("max", rows[-1])):
         latency, span, first, last = row
         print(f"{label} message: {latency * 1e3:.3f} ms, {span} round(s) after its publish:")
