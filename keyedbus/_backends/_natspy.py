@@ -29,6 +29,7 @@ __all__ = [
     "buffer_command",
     "client_of",
     "check_version",
+    "consumer_seq",
     "delivery_info",
     "consumer_gone",
     "install_header_parser",
@@ -316,6 +317,15 @@ def delivery_info(msg: Any) -> tuple[int, int, int]:
         return int(tokens[5]), int(tokens[4]), int(tokens[8])
     meta = msg.metadata  # the form with domain and account hash: nats-py knows its layout
     return int(meta.sequence.stream), int(meta.num_delivered), int(meta.num_pending)
+
+
+def consumer_seq(msg: Any) -> int:
+    """The consumer sequence of a stored message: the consumer counts every delivery, redeliveries too, so
+    a reader that sees every delivery sees these without gaps (see `delivery_info` for the layout)."""
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[6])
+    return int(msg.metadata.sequence.consumer)
 
 
 def consumer_gone(msg: Any) -> str | None:

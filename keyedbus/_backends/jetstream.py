@@ -154,6 +154,11 @@ class PullSubscription:
         #: Messages waiting for an owed message of their key with a lower sequence, per key.
         self.held: dict[str, list[JetStreamDelivery]] = {}
         self.last_seen = 0
+        #: The consumer sequence of the newest delivery this process saw (None: not known, e.g. right after
+        #: it was given the pin); a gap after it is a delivery lost on its way (see `_missed`).
+        self.last_delivery: int | None = None
+        #: Stream sequences skipped by what arrived but found stored: lost on the way, not evicted.
+        self._stored_in_gap: set[int] = set()
         #: Messages the consumer has not delivered yet, as of the newest delivery (JetStream's num_pending).
         self.lag = 0
         self.stopping = False
@@ -176,6 +181,7 @@ class PullSubscription:
         """
         info = await aio(self.puller.open)(self.topic, self.config, self._explicit, self.filter_subject)
         self.last_seen = info["delivered"]["stream_seq"]
+        self.last_delivery = info["delivered"]["consumer_seq"]
         self.active = active
         if not self.puller.pinned:
             # Made by a keyedbus without priority groups: the server cannot keep a second process out.
@@ -331,6 +337,7 @@ class PullSubscription:
                 continue
             if self.puller.new_pin:
                 self.puller.new_pin = False
+                self.last_delivery = None  # the consumer state read now covers what came before
                 try:
                     await self._learn_pinned(raw)
                 except Exception as exc:
@@ -340,11 +347,88 @@ class PullSubscription:
                     await self.conn.settle_now([(m, "nak") for m in raw])
                     await trio.sleep(_FETCH_WAIT)
                     continue
+                self._missed(raw)
+            else:
+                before = self.last_delivery
+                if self._missed(raw):
+                    try:
+                        await self._learn_missed(raw)
+                    except Exception as exc:
+                        # As above; the redelivered batch shows the same gap, so it is looked at again.
+                        logger.warning(
+                            "%s: reading back missed deliveries failed (%s); retrying", self.durable, exc
+                        )
+                        self.last_delivery = before
+                        await self.conn.settle_now([(m, "nak") for m in raw])
+                        await trio.sleep(_FETCH_WAIT)
+                        continue
             batch = self._accept(raw)
             if self.stopping:
                 return  # fetched after stop(): outstanding, so detach or close hands it back
             if batch:
                 await self.inbox.deliver(batch)
+
+    def _missed(self, batch: list[Any]) -> bool:
+        """Whether the consumer sent this process deliveries that never came, before or within `batch`.
+
+        The consumer numbers every delivery (redeliveries too), so a gap in those numbers is a delivery lost
+        on its way: in a cluster, one sent by a server killed before it forwarded it. The server counts it
+        delivered and sends it again only after ack_wait, while later messages of its key flow at once.
+        A number going back (a new consumer leader sending again what it had not recorded) is no gap.
+        """
+        last = self.last_delivery
+        gap = False
+        for m in batch:
+            number = _natspy.consumer_seq(m)
+            if last is not None and number > last + 1:
+                gap = True
+            if last is None or number > last:
+                last = number
+        self.last_delivery = last
+        return gap
+
+    async def _learn_missed(self, batch: list[Any]) -> None:
+        """Some deliveries never came (see `_missed`): hold the keys of the messages they carried.
+
+        First deliveries come in stream order, so a lost one is a stored message of this consumer's subject
+        after the newest sequence seen before `batch`, up to what the consumer counts as delivered, that
+        this process does not have. Each is owed, as if another reader had it: its key waits until it is
+        redelivered (or settled: the ack floor passes it). One still on its way when the consumer state is
+        read is owed too, until it arrives a moment later. A lost redelivery needs nothing: the message is
+        owed already, or this process has it.
+        """
+        info = await aio(self.puller.info)()
+        arrived = {_natspy.delivery_info(m)[0] for m in batch}
+        first = max(self.last_seen, info["ack_floor"]["stream_seq"]) + 1
+        last = info["delivered"]["stream_seq"]
+        if first > last:
+            return
+        subject = self.filter_subject if self.filter_subject is not None else self.topic
+        stored = await aio(aio_get_subject_messages)(self.conn.js, self.stream, subject, first, last)
+        lost = [(seq, raw) for seq, raw in stored if seq not in arrived and seq not in self.outstanding]
+        if not lost:
+            return
+        if self.stream_info.filter_for(self.topic) is None:
+            self._stored_in_gap.update(seq for seq, _ in lost)
+        keys = set()
+        for seq, raw in lost:
+            headers = _natspy.stored_headers(raw, parse_header_lines)
+            key = self.inbox.key_of(message_from(self.topic, raw.data, headers, 1))
+            if key is not None:
+                self.owed[seq] = key
+                self.owed_by_key.setdefault(key, deque()).append(seq)
+                keys.add(key)
+        for key in keys:
+            self.owed_by_key[key] = deque(sorted(set(self.owed_by_key[key])))
+        logger.warning(
+            "%s: a delivery never arrived (lost on the way, e.g. while a server went down); the keys of "
+            "message(s) %d..%d wait until those arrive or are sent again (at most ack_wait=%s s)",
+            self.durable,
+            lost[0][0],
+            lost[-1][0],
+            self.config.ack_wait,
+            extra={"topic": self.topic},
+        )
 
     async def _recover(self, why: str) -> None:
         """Recreate the vanished consumer (and stream) after a backoff; log once per incident.
@@ -407,6 +491,7 @@ class PullSubscription:
             extra={"topic": self.topic},
         )
         self.last_seen = max(self.last_seen, info.delivered.stream_seq if info.delivered else 0)
+        self.last_delivery = None  # a new consumer numbers its deliveries afresh
         self.recovering = False
         self._recover_wait = _RECOVER_FIRST
 
@@ -428,6 +513,8 @@ class PullSubscription:
         self.held.clear()
         self.owed.clear()
         self.owed_by_key.clear()
+        self.last_delivery = None
+        self._stored_in_gap.clear()
         self.released_pin, self.puller.pin = self.puller.pin, None
         naks = [d.raw for d in sorted(fetched, key=lambda d: d.seq)] + self.puller.leftovers()
         await self.conn.settle_now([(raw, "nak") for raw in naks])
@@ -454,8 +541,15 @@ class PullSubscription:
             if seq > self.last_seen:
                 if seq > self.last_seen + 1 and self.stream_info.filter_for(self.topic) is None:
                     # The consumer skipped sequences of a stream holding only this topic: they were removed
-                    # before this group got them. (On a shared stream other subjects fill the gaps.)
-                    self._evicted(seq - self.last_seen - 1)
+                    # before this group got them (on a shared stream other subjects fill the gaps), unless
+                    # found stored when a delivery of them was lost on its way (`_learn_missed`).
+                    skipped = seq - self.last_seen - 1
+                    if self._stored_in_gap:
+                        below = {s for s in self._stored_in_gap if s < seq}
+                        self._stored_in_gap -= below
+                        skipped -= sum(1 for s in below if s > self.last_seen)
+                    if skipped > 0:
+                        self._evicted(skipped)
                 self.last_seen = seq
                 self.lag = pending
             current = self.outstanding.get(seq)
