@@ -210,10 +210,15 @@ class Consumer(Generic[T]):
 
     def _item(self, delivery: Delivery) -> AggregateMessage:
         message = delivery.message
+        if self.key_fn is None and not self.envelope:
+            # The common case, _resolve's first lines without its tuple: the key from the header.
+            key = message.key
+            reason = header_problem(message.headers)
+            if reason is None and key is not None:
+                reason = wire_key_problem(key)
+            return AggregateMessage(key, delivery, self, message, message.attempt, reason)
         key, value, reason = self._resolve(message)
-        return AggregateMessage(
-            key, delivery, self, value, attempt=message.attempt, dead_letter_reason=reason
-        )
+        return AggregateMessage(key, delivery, self, value, message.attempt, reason)
 
     def _resolve(self, message: Message) -> tuple[str | None, object, str | None]:
         """The ordering key, the handler's argument, and why it must be dead-lettered (None: it need not).

@@ -116,6 +116,8 @@ class _Lane:
     #: "ready" (waiting for an executor), "running", or "parked" (waiting for its retry)
     state: str = "ready"
     due: float = 0.0
+    #: The worker running its head message, while "running".
+    runner: int = -1
 
 
 _CHANNEL = "channel"  # a worker waiting in receive() on its own channel
@@ -248,7 +250,7 @@ class KeyedWorkerPool:
             return False
         self._items += 1
         self._queued[index] += 1
-        if self._waiting[index] is None:
+        if self._waiting[index] is None and not self._runs_key_of(index, item):
             self._call_for_help(index)
         return True
 
@@ -267,6 +269,19 @@ class KeyedWorkerPool:
             self._queued[index] -= 1
             self._settled()
             raise
+
+    def _runs_key_of(self, index: int, item: AggregateMessage) -> bool:
+        """Whether busy worker `index` is running the head of `item`'s key: then no other worker need take
+        `item` from its channel (it could not run before that head is done, and `index` takes it then).
+
+        A key with a backlog (slow handlers, many messages per key) would otherwise wake a helper for every
+        message just to append it to the running key's lane.
+        """
+        key = item.key
+        if key is None:
+            return False
+        lane = self._lanes.get((item.consumer, key))
+        return lane is not None and lane.state == "running" and lane.runner == index
 
     def _call_for_help(self, index: int) -> None:
         """Worker `index` is busy (in a handler) with messages waiting in its channel: wake an idle one."""
@@ -326,11 +341,12 @@ class KeyedWorkerPool:
         if key is None:
             lane = _Lane(item.consumer, None, index)
         else:
-            existing = self._lanes.get((item.consumer, key))
+            lane_key = (item.consumer, key)
+            existing = self._lanes.get(lane_key)
             if existing is not None:
                 existing.items.append(item)  # ready, running or parked: its turn comes
                 return
-            lane = self._lanes[(item.consumer, key)] = _Lane(item.consumer, key, index)
+            lane = self._lanes[lane_key] = _Lane(item.consumer, key, index)
         lane.items.append(item)
         self._ready.append(lane)
 
@@ -350,9 +366,12 @@ class KeyedWorkerPool:
         since_yield = 0
         lane: _Lane | None = None
         ended = False  # our channel is closed and empty
+        queued = self._queued
         while True:
-            if not ended:
+            if not ended and queued[index]:
                 self._take(index)
+            elif stealable:
+                stealable.discard(index)  # nothing waits in our channel
             if stealable:
                 for other in list(stealable):
                     if self._waiting[other] is None:
@@ -371,7 +390,7 @@ class KeyedWorkerPool:
                     await trio.lowlevel.checkpoint()
                 if lane.state != "ready":
                     continue  # handed back while we yielded
-                await self._run(lane)
+                await self._run(lane, index)
                 continue
             if self._closed and not self._items:
                 return
@@ -398,9 +417,10 @@ class KeyedWorkerPool:
                 self._waiting[index] = None
                 self._idle.pop(index, None)
 
-    async def _run(self, lane: _Lane) -> None:
-        """Run the head message of a ready lane once, then requeue, drop or park the lane."""
+    async def _run(self, lane: _Lane, index: int) -> None:
+        """Worker `index` runs the head message of a ready lane once, then requeues, drops or parks it."""
         lane.state = "running"
+        lane.runner = index
         self._running += 1
         try:
             delay = await self._attempt(lane.items[0])
@@ -468,7 +488,9 @@ class KeyedWorkerPool:
     async def _attempt(self, item: AggregateMessage) -> float | None:
         """Run `item` once and settle it; return the seconds to wait before a retry, or None when done.
 
-        KeyboardInterrupt and SystemExit from the handler hand the message back and propagate.
+        The handler runs inside a `handler_timeout` cancel scope. Whatever it raises fails this attempt only,
+        a stray trio.Cancelled included (one it caught in a scope of its own and raised outside it). Only the
+        bus's own cancellation propagates, and KeyboardInterrupt / SystemExit, which hand the message back.
         """
         consumer: Consumer = item.consumer
         if not consumer.active:
@@ -479,14 +501,35 @@ class KeyedWorkerPool:
         counters = self.counters
         counters.in_flight += 1
         consumer.started()
+        # The handler runs here, not in a coroutine of its own: one coroutine less per message.
+        timeout = self.config.handler_timeout
+        failure: BaseException | None = None
+        stray: BaseException | None = None
         try:
-            failure = await self._call(consumer, item)
+            if timeout is None:
+                await consumer.handle(item)
+            else:
+                with trio.move_on_after(timeout) as scope:  # the handler_timeout cancel scope
+                    await consumer.handle(item)
+                if scope.cancelled_caught:
+                    failure = HandlerTimeoutError(
+                        f"handler ran longer than {timeout} s (PoolConfig.handler_timeout) and was cancelled"
+                    )
         except (KeyboardInterrupt, SystemExit):
             self._release(item)
             raise
+        except trio.Cancelled as exc:
+            stray = exc
+        except BaseException as exc:
+            failure = exc
         finally:
             counters.in_flight -= 1
             consumer.finished()
+        if stray is not None:
+            # A Cancelled is the bus's own only if this task is being cancelled, and then this checkpoint
+            # raises it again. Otherwise the handler let out a Cancelled that is not ours: a failed attempt.
+            await trio.lowlevel.checkpoint()
+            failure = stray
         if failure is None:
             counters.handled += 1
             item.delivery.ack()
@@ -517,37 +560,6 @@ class KeyedWorkerPool:
         )
         item.attempt += 1
         return delay
-
-    async def _call(self, consumer: Consumer, item: AggregateMessage) -> BaseException | None:
-        """Run the handler once, inside a `handler_timeout` cancel scope; return its failure, or None.
-
-        Whatever the handler raises fails this attempt only, a stray trio.Cancelled included (one it caught
-        in a scope of its own and raised outside it). Only the bus's own cancellation, and
-        KeyboardInterrupt / SystemExit, propagate.
-        """
-        timeout = self.config.handler_timeout
-        try:
-            if timeout is None:
-                await consumer.handle(item)
-            else:
-                with trio.move_on_after(timeout) as scope:
-                    await consumer.handle(item)
-                if scope.cancelled_caught:
-                    return HandlerTimeoutError(
-                        f"handler ran longer than {timeout} s (PoolConfig.handler_timeout) and was cancelled"
-                    )
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except trio.Cancelled as exc:
-            stray: BaseException = exc
-        except BaseException as exc:
-            return exc
-        else:
-            return None
-        # A Cancelled is the bus's own only if this task is being cancelled, and then this checkpoint raises
-        # it again. Otherwise the handler let out a Cancelled that is not ours: a failed attempt.
-        await trio.lowlevel.checkpoint()
-        return stray
 
     async def _dead_letter(
         self, item: AggregateMessage, reason: str, failure: BaseException | None
