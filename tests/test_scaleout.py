@@ -250,14 +250,17 @@ async def test_members_in_one_group_share_the_partitions_and_stats_lists_them(
             await publish()
             while len(handled["a"]) + len(handled["b"]) < 100:  # noqa: ASYNC110
                 await trio.sleep(0.05)
+            stable = owned() == shares
             leave.set()
-    # Every key handled once, by the two members together. Which member handled a key is not checked:
-    # statistics().partitions changes as soon as a member gives a partition up, while its pull request
-    # in flight may still be handed messages of it (the pin keeps that safe), so the split can lag.
     assert sorted(handled["a"] + handled["b"]) == sorted(f"order-{i}" for i in range(100))
+    assert sorted(shares.values()) == [(0, 1), (2, 3)]
     for name in ("a", "b"):
         assert handled[name], f"member {name} handled nothing"
-    assert sorted(shares.values()) == [(0, 1), (2, 3)]
+        if stable:
+            # statistics().partitions lists a partition given up until its last pull request ended, so
+            # once it showed the split, each member was handed only its own partitions' messages. (Under
+            # heavy load a starved member can drop out of membership for a moment and partitions move.)
+            assert {_scaleout.partition_of(key, 4) for key in handled[name]} <= set(shares[name])
     assert stats.returncode == 0, stats.stderr
     lines = stats.stdout.decode().splitlines()
     assert "  group billing: 2 member(s), 4 partition(s)" in lines

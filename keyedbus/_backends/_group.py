@@ -89,6 +89,12 @@ class GroupSubscription:
         return f"{self.topic} (group {self.group or 'default'})"
 
     @property
+    def reading(self) -> tuple[int, ...]:
+        """The partitions this process may be handed messages of now (`statistics().partitions`): those it
+        owns, and those it gave up whose last pull request has not ended yet."""
+        return tuple(p for p, sub in enumerate(self.parts) if sub.reading)
+
+    @property
     def lag(self) -> int:
         return sum(sub.lag for sub in self.parts if sub.active)
 

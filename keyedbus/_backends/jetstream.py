@@ -144,6 +144,8 @@ class PullSubscription:
         self.puller = _Puller(conn.nc, conn.js, self.stream, self.durable)
         #: False while membership gives this partition to another process: no pulls, no pin.
         self.active = True
+        #: Whether this process may still be handed messages: active, or its last pull not ended yet.
+        self.reading = True
         self._wakeup = trio.Event()
         #: Delivered and unsettled, by stream sequence (queued, parked, running or held).
         self.outstanding: dict[int, JetStreamDelivery] = {}
@@ -182,7 +184,7 @@ class PullSubscription:
         info = await aio(self.puller.open)(self.topic, self.config, self._explicit, self.filter_subject)
         self.last_seen = info["delivered"]["stream_seq"]
         self.last_delivery = info["delivered"]["consumer_seq"]
-        self.active = active
+        self.active = self.reading = active
         if not self.puller.pinned:
             # Made by a keyedbus without priority groups: the server cannot keep a second process out.
             logger.warning(
@@ -498,6 +500,7 @@ class PullSubscription:
     def set_active(self, active: bool) -> None:
         """Start (True) or stop (False) pulling; a stopped partition keeps settling what it has queued."""
         self.active = active
+        self.reading = self.reading or active
         self._wakeup.set()
 
     async def _let_go(self) -> None:
@@ -526,6 +529,7 @@ class PullSubscription:
                     await aio(self.puller.unpin)()
             except Exception as exc:  # the new owner unpins it after a grace period instead
                 logger.debug("%s: unpin failed: %s", self.durable, exc)
+        self.reading = self.active
 
     def _drained_far_enough(self) -> bool:
         """While draining: everything published before the drain began has been fetched."""
@@ -644,6 +648,7 @@ class PullSubscription:
             await self._stopped.wait()
         self._scope.cancel()
         await self._stopped.wait()
+        self.reading = False
 
     async def detach(self) -> None:
         """Drop the client side, then hand every unsettled message back to the group, oldest first.

@@ -311,7 +311,7 @@ class NatsBackend:
 
     def partitions(self) -> dict[tuple[str, str | None], tuple[int, ...]]:
         """The partitions this process reads now, per persistent (topic, group) subscription."""
-        return {(sub.topic, sub.group or None): sub.owned for sub in self._pull_subs}
+        return {(sub.topic, sub.group or None): sub.reading for sub in self._pull_subs}
 
     # -- inspection (the command line) -------------------------------------------------------------------
 
