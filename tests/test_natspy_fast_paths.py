@@ -62,6 +62,12 @@ def test_core_publish_commands_are_what_nats_py_would_send_byte_for_byte(headers
         assert size == len(data)
     again, _ = _natspy.publish_command("orders.eu", data, headers)  # names now known valid: same bytes
     assert again == command
+    # Nats-Msg-Id given apart is sent as the dict merge {**headers, "Nats-Msg-Id": ...} would send it.
+    for message_id in ("0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", " chosen\r\nid "):
+        merged = {**headers, "Nats-Msg-Id": message_id}
+        with_id, with_id_size = _natspy.publish_command("orders.eu", data, headers, message_id)
+        assert with_id == _nats_py_command("orders.eu", data, merged)
+        assert with_id_size == _natspy.encoded_size(data, merged)
 
 
 def test_a_header_name_nats_py_refuses_is_refused_the_same_way() -> None:

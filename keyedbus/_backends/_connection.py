@@ -25,9 +25,18 @@ from .._errors import ConnectionFailedError, KeyedBusError, PublishError
 from .._messages import MSG_ID_HEADER, Message, key_of_headers, parse_header_lines
 from . import _natspy
 from ._aio import aio, open_loop
+from ._base import Outgoing
 from ._urls import safe_url
 
-__all__ = ["NatsConnection", "Publish", "connect", "message_from", "open_loop", "publish_error"]
+__all__ = [
+    "NatsConnection",
+    "Publish",
+    "connect",
+    "message_from",
+    "open_loop",
+    "publish_error",
+    "wire_headers",
+]
 
 logger = logging.getLogger("keyedbus")
 
@@ -37,8 +46,9 @@ _YIELD_EVERY = 16
 
 
 def message_from(topic: str, data: bytes | None, headers: dict[str, str] | None, attempt: int) -> Message:
-    """A Message from what the wire carried."""
-    headers = dict(headers or {})
+    """A Message from what the wire carried; it keeps `headers` (nats-py parses a new dict per message)."""
+    if headers is None:
+        headers = {}
     return Message(
         topic=topic,
         data=data or b"",
@@ -47,6 +57,13 @@ def message_from(topic: str, data: bytes | None, headers: dict[str, str] | None,
         attempt=attempt,
         message_id=headers.get(MSG_ID_HEADER, ""),
     )
+
+
+def wire_headers(out: Outgoing) -> dict[str, str]:
+    """The headers a publish carries: the caller's and Nats-Msg-Id. Every publish carries it: JetStream keeps
+    its own duplicate window whatever `out.dedup` says, and a core subscriber sees the same `message_id` as
+    on memory://."""
+    return {**out.headers, MSG_ID_HEADER: out.message_id}
 
 
 @attrs.define(eq=False)
@@ -131,7 +148,7 @@ class NatsConnection:
         self.publish_count += 1
         self.unsent += 1
 
-    async def publish_core(self, request: Publish, command: bytes) -> None:
+    async def publish_core(self, request: Outgoing, command: bytes) -> None:
         """Send a core-NATS publish (`command`, encoded by `_natspy.publish_command`) from this task.
 
         Written straight into nats-py's outgoing buffer, in call order, without the publish pump or a
@@ -145,7 +162,7 @@ class NatsConnection:
         self.publish_count += 1
         if not _natspy.buffer_command(self.nc, command, len(request.data)):
             try:
-                await aio(self.nc.publish)(request.topic, request.data, headers=request.headers or None)
+                await aio(self.nc.publish)(request.topic, request.data, headers=wire_headers(request))
             except (nats.errors.Error, OSError) as exc:
                 raise publish_error(request, exc, sent=False) from exc
         self._since_yield += 1
@@ -153,7 +170,7 @@ class NatsConnection:
             self._since_yield = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def publish_core_nowait(self, request: Publish, command: bytes) -> None:
+    def publish_core_nowait(self, request: Outgoing, command: bytes) -> None:
         """Send a core-NATS publish as `publish_core` does, or raise trio.WouldBlock if nats-py would make
         its caller wait (reconnecting, its outgoing buffer full)."""
         if not _natspy.buffer_command(self.nc, command, len(request.data)):
@@ -297,7 +314,7 @@ async def _gather(receive: trio.MemoryReceiveChannel[Publish], first: Publish) -
     return batch
 
 
-def publish_error(request: Publish, exc: BaseException, *, sent: bool) -> KeyedBusError:
+def publish_error(request: Outgoing | Publish, exc: BaseException, *, sent: bool) -> KeyedBusError:
     """The error a publisher sees, with the nats-py error as its cause."""
     topic, message_id = request.topic, request.message_id
     reason = f"{type(exc).__name__}: {exc}".rstrip(": ")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from typing import Any
 
@@ -21,6 +22,7 @@ import nats.aio.client
 import nats.errors
 
 from .._errors import ConnectionFailedError
+from .._messages import MSG_ID_HEADER
 
 __all__ = [
     "PIN_HEADER",
@@ -170,17 +172,26 @@ _CONNECTED = nats.aio.client.Client.CONNECTED
 _GOOD_NAMES: set[str] = set()
 
 
-def publish_command(subject: str, data: bytes, headers: Mapping[str, str]) -> tuple[bytes, int]:
+def publish_command(
+    subject: str, data: bytes, headers: Mapping[str, str], message_id: str | None = None
+) -> tuple[bytes, int]:
     """The protocol command nats-py's `publish(subject, data, headers=headers)` buffers, byte for byte, and
     the size nats-server counts against max_payload (encoded headers plus payload).
 
     Names and values are stripped, values' CR and LF become spaces, a name nats-py refuses raises its
     BadHeaderError, as in nats-py's `_send_publish`. No headers: a PUB, as nats-py sends for `headers=None`.
+    A `message_id` is sent as if `headers` were ``{**headers, "Nats-Msg-Id": message_id}`` (no dict built).
     """
-    if not headers:
+    if not headers and message_id is None:
         return f"PUB {subject}  {len(data)}\r\n".encode() + data + b"\r\n", len(data)
     lines = ["NATS/1.0\r\n"]
-    for name, value in headers.items():
+    items: Iterable[tuple[str, str]] = headers.items()
+    if message_id is not None:
+        if MSG_ID_HEADER in headers:  # replaced where the caller put it, as the dict merge does
+            items = {**headers, MSG_ID_HEADER: message_id}.items()
+        else:
+            items = itertools.chain(items, ((MSG_ID_HEADER, message_id),))
+    for name, value in items:
         if name not in _GOOD_NAMES:
             stripped = name.strip()
             if not stripped:

@@ -19,11 +19,11 @@ import trio
 
 from .._config import TopicConfig
 from .._errors import KeyedBusError, MessageTooLargeError
-from .._messages import KEY_HEADER, MSG_ID_HEADER, Message
+from .._messages import KEY_HEADER, Message
 from . import _natspy, _scaleout
 from ._aio import aio, loop_running
 from ._base import AtMostOnceDelivery, Inbox, Outgoing
-from ._connection import NatsConnection, Publish, message_from, open_loop, publish_error
+from ._connection import NatsConnection, Publish, message_from, open_loop, publish_error, wire_headers
 from ._connection import connect as _connect
 from ._group import GroupSubscription
 from ._streams import consumer_name, explicit_settings, group_of
@@ -141,8 +141,7 @@ class NatsBackend:
     async def publish(self, out: Outgoing) -> None:
         if not out.config.persistent:
             # Core NATS: "sent" means handed to the connection, as in nats-py: written into its buffer here.
-            request = Publish(out.topic, out.data, self._headers(out), out.message_id, None)
-            await self._conn.publish_core(request, self._core_command(request))
+            await self._conn.publish_core(out, self._core_command(out))
             return
         for attempt in (1, 2):
             request = self._request(out, trio.Event())
@@ -178,31 +177,25 @@ class NatsBackend:
                 f"publish_nowait cannot wait for JetStream's store ack on persistent topic {out.topic!r}: "
                 "use 'await bus.publish(...)'"
             )
-        request = Publish(out.topic, out.data, self._headers(out), out.message_id, None)
-        self._conn.publish_core_nowait(request, self._core_command(request))
+        self._conn.publish_core_nowait(out, self._core_command(out))
 
-    @staticmethod
-    def _headers(out: Outgoing) -> dict[str, str]:
-        """Every publish carries Nats-Msg-Id: JetStream keeps its own duplicate window whatever `out.dedup`
-        says, and a core subscriber sees the same `message_id` as on memory://."""
-        return {**out.headers, MSG_ID_HEADER: out.message_id}
-
-    def _core_command(self, request: Publish) -> bytes:
-        """The protocol command of a core publish, checked against the server's max_payload."""
+    def _core_command(self, out: Outgoing) -> bytes:
+        """The protocol command of a core publish (with Nats-Msg-Id, see `wire_headers`), checked against
+        the server's max_payload."""
         try:
-            command, size = _natspy.publish_command(request.topic, request.data, request.headers)
+            command, size = _natspy.publish_command(out.topic, out.data, out.headers, out.message_id)
         except nats.errors.Error as exc:
-            raise publish_error(request, exc, sent=False) from exc
-        self._check_size(request, size)
+            raise publish_error(out, exc, sent=False) from exc
+        self._check_size(out, size)
         return command
 
     def _request(self, out: Outgoing, done: trio.Event | None) -> Publish:
         """The message for the publish pump, checked against the server's max_payload at the call."""
-        request = Publish(out.topic, out.data, self._headers(out), out.message_id, done)
+        request = Publish(out.topic, out.data, wire_headers(out), out.message_id, done)
         self._check_size(request, _natspy.encoded_size(out.data, request.headers))
         return request
 
-    def _check_size(self, out: Publish, size: int) -> None:
+    def _check_size(self, out: Outgoing | Publish, size: int) -> None:
         limit = int(self._nc.max_payload)
         if size > limit:
             # nats-py checks the payload alone; the server counts headers too and would drop the
