@@ -79,3 +79,29 @@ def test_a_header_name_nats_py_refuses_is_refused_the_same_way() -> None:
         _natspy.publish_command("orders", b"x", {"Bad Name": "v"})
     with pytest.raises(nats.errors.BadHeaderError):
         _nats_py_command("orders", b"x", {"Bad Name": "v"})
+
+
+@pytest.mark.parametrize("how", ["ack", "nak", "term", "in_progress"])
+def test_settles_written_directly_are_what_nats_py_msg_methods_send(how: str) -> None:
+    import nats.aio.client
+    import nats.errors
+    from nats.aio.msg import Msg
+
+    from keyedbus._backends import _natspy
+
+    reply = "$JS.ACK.KB_orders.kb_orders.1.7.7.1764527000123456789.0"
+    nc = nats.aio.client.Client()
+    nc._max_pending_size = 1 << 20  # as connect() sets it: a publish before connecting is buffered
+    theirs = Msg(nc, subject="orders", reply=reply, data=b"x", headers=None)
+    step = getattr(theirs, how)()
+    with pytest.raises(StopIteration):  # nothing in it waits: it only appends to the outgoing buffer
+        step.send(None)
+    ours = Msg(nc, subject="orders", reply=reply, data=b"x", headers=None)
+    assert _natspy.settle_command(ours, how) == bytes(nc._pending[0])
+    _natspy.settled(ours, how)
+    assert ours._ackd == theirs._ackd
+    if how != "in_progress":  # settled once: a second settle is refused as nats-py refuses it
+        with pytest.raises(nats.errors.MsgAlreadyAckdError):
+            _natspy.settle_command(ours, "ack")
+    with pytest.raises(nats.errors.NotJSMessageError):
+        _natspy.settle_command(Msg(nc, subject="orders", reply="", data=b"x", headers=None), how)

@@ -252,7 +252,7 @@ class NatsConnection:
         return bool(self._settle_queue)
 
     def queue_settles(self, settles: Iterable[tuple[Any, str]]) -> None:
-        """Queue acks, terms and naks; the settle pump sends them in order, one crossing per batch."""
+        """Queue acks, terms and naks; the settle pump sends them in order, written into nats-py's buffer."""
         self._settle_queue.extend(settles)
         self._settle_wakeup.set()
 
@@ -277,9 +277,25 @@ class NatsConnection:
             batch, self._settle_queue = self._settle_queue, []
             done, self._settle_flushed = self._settle_flushed, trio.Event()
             flush, self._flush_wanted = self._flush_wanted, False
-            if batch or flush:
-                await aio(self.aio_settle)(batch, flush=flush)
+            rest = self._settle_directly(batch)
+            if rest or flush:
+                await aio(self.aio_settle)(rest, flush=flush)
             done.set()
+
+    def _settle_directly(self, batch: list[tuple[Any, str]]) -> list[tuple[Any, str]]:
+        """Write settles into nats-py's outgoing buffer from this trio task (as core publishes are), in order;
+        return the rest, from the first one nats-py would make its caller wait for (reconnecting, buffer
+        full): those go through `aio_settle`. A settle nats-py refuses is logged, as `aio_settle` does."""
+        for index, (raw, how) in enumerate(batch):
+            try:
+                command = _natspy.settle_command(raw, how)
+            except Exception as exc:  # already settled, or not a JetStream message: as aio_settle logs it
+                logger.warning("could not %s a message of %s: %s", how, raw.subject, exc)
+                continue
+            if not _natspy.buffer_command(self.nc, command, 0):
+                return batch[index:]
+            _natspy.settled(raw, how)
+        return []
 
     async def aio_settle(self, batch: list[tuple[Any, str]], *, flush: bool = False) -> None:
         """Send settles in order (asyncio side); failures are logged: a lost ack means a redelivery."""

@@ -40,6 +40,8 @@ __all__ = [
     "make_waking",
     "publish_command",
     "request_pull",
+    "settle_command",
+    "settled",
     "status_of",
     "stored_headers",
     "subscription_id",
@@ -236,6 +238,32 @@ def buffer_command(nc: Any, command: bytes, payload_size: int) -> bool:
     if queue.empty():  # nats-py kicks the flusher only when no kick is waiting
         queue.put_nowait(flusher.get_loop().create_future())
     return True
+
+
+#: What nats-py's Msg.ack(), nak(), term() and in_progress() publish to the message's reply subject.
+_SETTLE_PAYLOADS = {"ack": b"", "nak": b"-NAK", "term": b"+TERM", "in_progress": b"+WPI"}
+
+
+def settle_command(msg: Any, how: str) -> bytes:
+    """The PUB command nats-py's `msg.<how>()` sends ("ack", "nak", "term" or "in_progress"), byte for byte.
+
+    Raises what that method raises before sending (NotJSMessageError without a reply subject,
+    MsgAlreadyAckdError for a message already acked, nak'd or terminated). Once `buffer_command` took the
+    command, call `settled(msg, how)`, as the method would have marked the message.
+    """
+    if how == "in_progress":
+        if not msg.reply:
+            raise nats.errors.NotJSMessageError
+    else:
+        msg._check_reply()
+    command, _ = publish_command(msg.reply, _SETTLE_PAYLOADS[how], {})
+    return command
+
+
+def settled(msg: Any, how: str) -> None:
+    """Mark `msg` as `msg.<how>()` does once it has sent the command (in_progress leaves it open)."""
+    if how != "in_progress":
+        msg._ackd = True
 
 
 def install_header_parser(client: Any, parse: Callable[[bytes], dict[str, str]]) -> None:
