@@ -146,17 +146,20 @@ class Consumer(Generic[T]):
         (ephemeral).
         """
         pool = self._pool
+        queue_for = pool.queue_for
+        send_nowait = pool.send_nowait
+        make = self._item
         sent = 0
         try:
             for delivery in batch:
                 if not self.active:
                     break
-                item = self._item(delivery)
-                index = pool.queue_for(item)
-                if not pool.send_nowait(index, item):
-                    await self._send_waiting(index, item)
-                else:
+                item = make(delivery)
+                index = queue_for(item)
+                if send_nowait(index, item):
                     self._stalled = False
+                else:
+                    await self._send_waiting(index, item)
                 sent += 1
         except trio.ClosedResourceError:
             pass  # the pool closed (the bus is shutting down): the rest is handed back below

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import itertools
 import json
 import os
@@ -106,6 +107,7 @@ def check_topic(topic: object, *, what: str = "topic") -> str:
     return topic
 
 
+@functools.lru_cache(maxsize=65536)  # a key is checked when published and again when delivered
 def _key_problem(key: str) -> str | None:
     """Say what is wrong with an aggregate id (already stripped), or None when it is valid."""
     if not key:

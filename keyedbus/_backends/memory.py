@@ -293,7 +293,7 @@ class _Topic:
             now = trio.current_time() if now is None else now
             if self.log[0].stored_at <= now - max_age:
                 self._evict(f"TopicConfig max_age={max_age}", now, older_than=now - max_age)
-        if self.room:
+        if self.room is not _NOBODY_WAITS and self.room:  # on every ack: skip the lot's __bool__ call
             self.room.unpark_all()
 
 
