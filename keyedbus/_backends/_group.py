@@ -127,12 +127,15 @@ class GroupSubscription:
         try:
             with self._scope:
                 task_status.started()
+                # Members started together (a deployment's replicas) may each have seen only itself when
+                # it joined: look again soon, so the first one hands the others their shares at once.
+                await _scaleout.sleep_jittered(_scaleout.HEARTBEAT / 4)
                 while True:
-                    await _scaleout.sleep_jittered(_scaleout.HEARTBEAT)
                     try:
                         await self._tick()
                     except Exception as exc:  # disconnected: keep what we read, the pins keep order
                         logger.debug("%s: membership round failed: %s", self.name, exc)
+                    await _scaleout.sleep_jittered(_scaleout.HEARTBEAT)
         finally:
             self._stopped.set()
 

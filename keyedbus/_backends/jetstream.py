@@ -63,6 +63,11 @@ logger = logging.getLogger("keyedbus")
 
 #: Messages asked for in one pull request.
 FETCH_BATCH = 256
+#: Messages a partition's reader keeps queued in this process before it pulls more (partitioned topics). It
+#: bounds what a member has in hand when the partition moves: what the next owner reads back and waits for.
+#: Without it a member that starts first takes a whole stored backlog into its pool before the others
+#: get their shares, and they mostly wait for it.
+_PARTITION_WINDOW = 2 * FETCH_BATCH
 #: Seconds one pull request waits on the server; also how long a stop waits for the fetch in flight.
 _FETCH_WAIT = 0.5
 #: Owed sequences read back in one crossing (pipelined requests).
@@ -147,6 +152,8 @@ class PullSubscription:
         #: Whether this process may still be handed messages: active, or its last pull not ended yet.
         self.reading = True
         self._wakeup = trio.Event()
+        #: Set when a partition's reader may pull again (see `_PARTITION_WINDOW`).
+        self._room = trio.Event()
         #: Delivered and unsettled, by stream sequence (queued, parked, running or held).
         self.outstanding: dict[int, JetStreamDelivery] = {}
         #: Sequences an earlier consumer may have left unsettled and not yet queued here, with their keys.
@@ -263,27 +270,27 @@ class PullSubscription:
                 extra={"topic": self.topic},
             )
         seqs = [s for s in range(floor + 1, delivered + 1) if s not in in_hand]
-        if self.filter_subject is not None and seqs:
-            # One subject of a shared stream (a partition): read only its messages, not every sequence.
-            on_subject = await aio(aio_get_subject_messages)(
-                self.conn.js, self.stream, self.filter_subject, seqs[0], seqs[-1]
-            )
-            seqs = [seq for seq, _ in on_subject if seq not in in_hand]
+        just_in = [(seq, m) for seq, m in in_hand.items() if floor < seq <= delivered]
         try:
-            for start in range(0, len(seqs) + 1, _READ_BACK_CHUNK):
-                stored = await aio(aio_get_messages)(
-                    self.conn.js, self.stream, seqs[start : start + _READ_BACK_CHUNK]
-                )
-                if start == 0:
-                    stored += [(seq, m) for seq, m in in_hand.items() if floor < seq <= delivered]
-                for seq, raw in stored:
-                    if mine and seq in mine:
-                        continue  # this process has it: the pool keeps its order
-                    if self.filter_subject is not None and raw.subject != self.filter_subject:
-                        continue  # another partition's: never delivered by this consumer
-                    key = self.inbox.key_of(message_from(self.topic, raw.data, raw.headers, 1))
-                    if key is not None:
-                        self.owed[seq] = key
+            if self.filter_subject is not None:
+                # One subject of a shared stream (a partition): walk only its messages, not every sequence;
+                # the walk brings each message whole, so none is read twice.
+                found = []
+                if seqs:
+                    on_subject = await aio(aio_get_subject_messages)(
+                        self.conn.js, self.stream, self.filter_subject, seqs[0], seqs[-1]
+                    )
+                    for seq, raw in on_subject:
+                        if seq not in in_hand and not (mine and seq in mine):
+                            raw.headers = _natspy.stored_headers(raw, parse_header_lines)
+                            found.append((seq, raw))
+                self._note_owed(found + just_in, mine)
+            else:
+                for start in range(0, len(seqs) + 1, _READ_BACK_CHUNK):
+                    stored = await aio(aio_get_messages)(
+                        self.conn.js, self.stream, seqs[start : start + _READ_BACK_CHUNK]
+                    )
+                    self._note_owed(stored + just_in if start == 0 else stored, mine)
         finally:
             # Also when a read-back fails midway (the caller retries): `owed` may have grown, and every owed
             # sequence must be findable by its key.
@@ -302,6 +309,17 @@ class PullSubscription:
                 self.config.ack_wait,
                 extra={"topic": self.topic},
             )
+
+    def _note_owed(self, stored: list[tuple[int, Any]], mine: set[int] | None) -> None:
+        """Note the key of each message read back as owed, unless this process has it."""
+        for seq, raw in stored:
+            if mine and seq in mine:
+                continue  # this process has it: the pool keeps its order
+            if self.filter_subject is not None and raw.subject != self.filter_subject:
+                continue  # another partition's: never delivered by this consumer
+            key = self.inbox.key_of(message_from(self.topic, raw.data, raw.headers, 1))
+            if key is not None:
+                self.owed[seq] = key
 
     async def _run(self, *, task_status: trio.TaskStatus[None]) -> None:
         try:
@@ -327,6 +345,12 @@ class PullSubscription:
                 await self._poll_floor()
             if self._drained_far_enough():
                 await trio.sleep(0.02)
+                continue
+            room = self._room_left()
+            if room is not None and room < FETCH_BATCH:  # whole batches: fewer, fuller pull requests
+                self._room = trio.Event()
+                with trio.move_on_after(_FLOOR_POLL):  # held keys may go free by the ack floor meanwhile
+                    await self._room.wait()
                 continue
             try:
                 raw = await aio(self.puller.take)()
@@ -497,9 +521,20 @@ class PullSubscription:
         self.recovering = False
         self._recover_wait = _RECOVER_FIRST
 
+    def _room_left(self) -> int | None:
+        """How many more messages a partition's reader may pull now (None: no bound, not a partition).
+
+        Held messages do not count: they wait for an owed message that only a pull can bring.
+        """
+        if self.partition is None:
+            return None
+        held = sum(len(waiting) for waiting in self.held.values()) if self.held else 0
+        return _PARTITION_WINDOW - (len(self.outstanding) - held)
+
     def set_active(self, active: bool) -> None:
         """Start (True) or stop (False) pulling; a stopped partition keeps settling what it has queued."""
         self.active = active
+        self._room.set()
         self.reading = self.reading or active
         self._wakeup.set()
 
@@ -508,7 +543,7 @@ class PullSubscription:
 
         Forgets the pin, so whoever reads next (this process too) learns the owed keys afresh.
         """
-        await trio.sleep(max(0.0, await aio(self.puller.seconds_left)()))
+        arrived = await aio(self.puller.finish)()
         fetched = [d for held in self.held.values() for d in held]
         for delivery in fetched:
             delivery.settled = True
@@ -519,7 +554,7 @@ class PullSubscription:
         self.last_delivery = None
         self._stored_in_gap.clear()
         self.released_pin, self.puller.pin = self.puller.pin, None
-        naks = [d.raw for d in sorted(fetched, key=lambda d: d.seq)] + self.puller.leftovers()
+        naks = [d.raw for d in sorted(fetched, key=lambda d: d.seq)] + arrived + self.puller.leftovers()
         await self.conn.settle_now([(raw, "nak") for raw in naks])
         if self.released_pin is not None and not self.stopping:
             # Still pinned to us, who no longer pull: unpin, so the new owner (pulling already) reads now.
@@ -626,6 +661,8 @@ class PullSubscription:
         delivery.settled = True
         if self.outstanding.get(delivery.seq) is delivery:
             del self.outstanding[delivery.seq]
+        if len(self.outstanding) <= _PARTITION_WINDOW - FETCH_BATCH:
+            self._room.set()
         self.conn.queue_settles([(delivery.raw, how)])
 
     def unsettled(self) -> list[Any]:
@@ -644,6 +681,7 @@ class PullSubscription:
         """Stop fetching: let the fetch in flight end (so nothing is left in a dead pull request)."""
         self.stopping = True
         self._wakeup.set()
+        self._room.set()
         with trio.move_on_after(_FETCH_WAIT * 2 + 1):
             await self._stopped.wait()
         self._scope.cancel()
@@ -731,11 +769,23 @@ class _Puller:
         """Ask the server to drop the consumer's pin: the next pull request to arrive gets a new one."""
         await _scaleout.aio_unpin(self._nc, _natspy.api_prefix(self._js), self._stream, self._durable)
 
-    async def seconds_left(self) -> float:
-        """Seconds until the pull request in flight (if any) has surely ended."""
-        if self._open <= 0:
-            return 0.0
-        return self._deadline - asyncio.get_running_loop().time()
+    async def finish(self) -> list[Any]:
+        """Wait until the pull request in flight (if any) has ended: filled, ended by a status (408 when it
+        expires), or past its deadline. Returns the messages that arrived meanwhile, to hand back."""
+        loop = asyncio.get_running_loop()
+        arrived: list[Any] = []
+        while self._open > 0 and self._sub is not None:
+            items = await _natspy.take(self._sub, 1 << 30, self._deadline - loop.time())
+            if not items:
+                break  # past the deadline: a request lost in a reconnect
+            for m in items:
+                if _natspy.is_data(m):
+                    arrived.append(m)
+                    self._open -= 1
+                elif _natspy.status_of(m) != "100":
+                    self._open = 0
+        self._open = 0
+        return arrived
 
     async def take(self) -> list[Any]:
         """The next messages (at least one), or [] when a pull request ended with none."""
