@@ -141,6 +141,13 @@ class Bus(metaclass=NoPublicConstructor):
     def _prepare(
         self, topic: str, data: object, key: object, headers: object, message_id: object
     ) -> Outgoing:
+        if headers is None and message_id is None and key is not None and type(data) is bytes:
+            # The common publish (bytes and a key): the checks below that apply, without their calls.
+            check_topic(topic)
+            checked = check_key(key)
+            self._check_open()
+            config = self._topics.get(topic, self._default_topic)
+            return Outgoing(topic, config, data, {KEY_HEADER: checked}, new_message_id(), dedup=False)
         check_topic(topic)
         payload = check_data(data)
         wire_headers = check_headers(headers)  # the key header in any case becomes KEY_HEADER
