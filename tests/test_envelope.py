@@ -5,8 +5,12 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import os
 import pathlib
 import re
+import time
+import types
+import uuid
 from typing import Any
 
 import pytest
@@ -160,3 +164,40 @@ def test_nanoseconds_truncate_to_microseconds() -> None:
         b'"timestamp":"2025-10-13T00:00:00.999999999Z","payload":1}'
     )
     assert keyedbus.Envelope.decode(raw).timestamp.microsecond == 999999
+
+
+def _event_id() -> str:
+    return keyedbus.Envelope(aggregate_id="order-1", event_type="Placed", event_version=1).event_id
+
+
+def test_generated_ids_are_unique_ordered_uuid7s() -> None:
+    # Ids are counted within a millisecond from a random start: 20,000 in a row span several milliseconds.
+    ids = [_event_id() for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)  # one process's ids are time-ordered, within a millisecond too
+    for text in ids[:3] + ids[-3:]:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 7
+        assert parsed.variant == uuid.RFC_4122
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_does_not_repeat_its_parents_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One millisecond for parent and child: a child that kept its parent's counter would repeat its ids.
+    now = time.time_ns()
+    monkeypatch.setattr(keyedbus._messages, "time", types.SimpleNamespace(time_ns=lambda: now))
+    _event_id()  # the parent has a counter going for this millisecond
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, in one write
+        os.close(read)
+        os.write(write, " ".join(_event_id() for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write)
+    parent = {_event_id() for _ in range(100)}
+    with os.fdopen(read, "rb") as pipe:
+        child = set(pipe.read().decode().split())
+    os.waitpid(pid, 0)
+    assert len(child) == 100
+    assert not parent & child
