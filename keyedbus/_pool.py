@@ -438,7 +438,12 @@ class KeyedWorkerPool:
         assert deferred is not None
         seq = item.delivery.sequence
         now = trio.current_time()
-        while deferred and deferred[0] != seq and now > lane.deferred_due[deferred[0]] + DEFER_GRACE:
+        while (
+            deferred
+            and deferred[0] != seq
+            and deferred[0] not in lane.early
+            and now >= lane.deferred_due[deferred[0]] + DEFER_GRACE
+        ):
             self._give_up(lane, deferred.pop(0))
         self._take_early(lane)
         if not lane.deferred:  # it gave up on the rest: the key is back to normal
@@ -655,7 +660,9 @@ class KeyedWorkerPool:
         """Give up on deferred messages of `lane` that are overdue, then take the kept ones that follow."""
         deferred = lane.deferred
         now = trio.current_time()
-        while deferred and now > lane.deferred_due[deferred[0]] + DEFER_GRACE:
+        while (
+            deferred and deferred[0] not in lane.early and now >= lane.deferred_due[deferred[0]] + DEFER_GRACE
+        ):
             self._give_up(lane, deferred.pop(0))
         self._take_early(lane)
         if lane.early and lane.deferred:

@@ -13,7 +13,7 @@ import trio.testing
 import keyedbus
 from keyedbus._groups import to_raise
 from keyedbus._messages import AggregateMessage
-from keyedbus._pool import fnv1a_32
+from keyedbus._pool import DEFER_GRACE, fnv1a_32
 from keyedbus.testing import wait_until_handled
 
 if sys.version_info < (3, 11):
@@ -197,6 +197,40 @@ async def test_a_parked_keys_backlog_beyond_the_bound_is_dropped_ephemeral(
     )
     lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     assert lines == [f"dropped 1 message(s) {why}", f"dropped 44 message(s) {why}"]
+
+
+async def test_a_deferred_message_that_never_comes_back_is_given_up_after_the_grace(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    retry = keyedbus.RetryPolicy(max_attempts=5, initial_backoff=100, max_backoff=100, jitter=0)
+    healed = False
+    handled: list[tuple[int, float]] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        if msg.key == "poison":
+            if not healed:
+                raise RuntimeError("poison")
+            handled.append((int(msg.data), trio.current_time()))
+
+    pool = keyedbus.PoolConfig(workers=1, queue_size=4)  # a parked key keeps 2
+    async with keyedbus.open_bus(pool=pool, retry=retry, drain_timeout=10_000) as bus:
+        await bus.configure_topic("orders", keyedbus.TopicConfig(max_msgs=12))
+        await bus.subscribe("orders", handler)
+        start = trio.current_time()
+        for i in range(10):
+            await bus.publish("orders", str(i).encode(), key="poison")
+        await trio.testing.wait_all_tasks_blocked()  # 0 failed: 0 and 1 kept, 2..9 deferred for 100 s
+        healed = True
+        for i in range(10):
+            await bus.publish("orders", b"x", key=f"other-{i}")  # evicts the 8 oldest: 2..7 are deferred
+        await wait_until_handled(bus)
+        assert bus.statistics().evicted == 6  # only the deferred ones: 0 and 1 are in the pool
+    # 8 and 9 came back at 100 s and waited for 2..7, which never come: given up DEFER_GRACE after their
+    # due time, in order, each logged.
+    assert [seq for seq, _ in handled] == [0, 1, 8, 9]
+    assert handled[2][1] - start == pytest.approx(100 + DEFER_GRACE, abs=1)
+    gave_up = [r.getMessage() for r in caplog.records if "did not come back" in r.getMessage()]
+    assert len(gave_up) == 6
 
 
 # -- cancellation never loses silently -----------------------------------------------------------------
