@@ -704,6 +704,7 @@ async def member_scaleout(p: dict[str, Any], url: str) -> dict[str, Any]:
         await bus.configure_topic(p["topic"], config)
         print("ready", flush=True)
         await trio.to_thread.run_sync(sys.stdin.readline)
+        cpu_start = time.process_time()
         await bus.subscribe(p["topic"], handler, group=p["group"])
         async with trio.open_nursery() as nursery:
 
@@ -723,6 +724,8 @@ async def member_scaleout(p: dict[str, Any], url: str) -> dict[str, Any]:
             nursery.start_soon(report)
             await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)  # EOF: stop
             nursery.cancel_scope.cancel()
+        # CPU seconds of this process from "go" to the end of the run (the parent closes stdin then).
+        print("cpu", time.process_time() - cpu_start, flush=True)
     return {"value": count}
 
 
@@ -744,6 +747,7 @@ def _scaleout(p: dict[str, Any], url: str, members: int) -> dict[str, Any]:
         for _ in range(members)
     ]
     counts = [0] * members
+    cpu = [0.0] * members
     parts: list[set[int]] = [set() for _ in range(members)]
     finished = threading.Event()
     end = [0.0]
@@ -757,20 +761,20 @@ def _scaleout(p: dict[str, Any], url: str, members: int) -> dict[str, Any]:
                 whole = set(range(p["partitions"])) == set().union(*parts)
                 if not settled and whole and all(parts) and sum(map(len, parts)) == p["partitions"]:
                     settled.append((time.perf_counter(), sum(counts)))
+            elif line.startswith("cpu"):
+                cpu[index] = float(line.split()[1])
             elif line.strip().isdigit():
                 counts[index] = int(line)
                 if sum(counts) >= p["messages"] and not finished.is_set():
                     end[0] = time.perf_counter()
                     finished.set()
 
+    readers = [threading.Thread(target=follow, args=(i, proc), daemon=True) for i, proc in enumerate(procs)]
     try:
         for proc in procs:  # every member connected and configured before the clock starts
             assert proc.stdout is not None
             if proc.stdout.readline().strip() != "ready":
                 raise RuntimeError("a scale-out member did not start")
-        readers = [
-            threading.Thread(target=follow, args=(i, proc), daemon=True) for i, proc in enumerate(procs)
-        ]
         for reader in readers:
             reader.start()
         start = time.perf_counter()
@@ -786,6 +790,9 @@ def _scaleout(p: dict[str, Any], url: str, members: int) -> dict[str, Any]:
             proc.stdin.close()
         for proc in procs:
             proc.wait(60)
+        for reader in readers:  # each ends at its member's end of output, after the member's "cpu" line
+            if reader.ident is not None:
+                reader.join(10)
     # Steady state: from the moment every member read its share of the partitions (joining, pinning and
     # reading back what an earlier reader may owe take seconds; that start-up is reported separately).
     cold = p["messages"] / (end[0] - start)
@@ -800,6 +807,8 @@ def _scaleout(p: dict[str, Any], url: str, members: int) -> dict[str, Any]:
         "cold_start_rate": cold,
         "settled_after_s": settled[0][0] - start if settled else None,
         "per_member": counts,
+        # The members' CPU time per message from "go" to the end, start-up included (nats-server's not).
+        "member_cpu_us_per_msg": sum(cpu) / p["messages"] * 1e6,
     }
 
 
