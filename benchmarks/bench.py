@@ -190,12 +190,13 @@ def _scenarios() -> list[Scenario]:
             )
         )
     # Two member processes in one group against one, on a pre-stored keyed workload (P = 16 partitions).
-    # 50,000 messages: a member queues up to ~512 of each partition it reads (16 x 512 = 8,192), so with a
-    # few thousand the first member to join takes most of the workload before the second one gets its share,
-    # and the run is over within a second; at 50,000 the shared steady state is most of the run.
+    # A member queues up to ~512 of each partition it reads (16 x 512 = 8,192), and the members take 0.1-1.5 s
+    # to share the partitions out: with a few thousand messages the first member to join handled most of the
+    # workload alone and the run was over within a second. 50,000 with 2 ms handlers last ~5-10 s; no-op
+    # handlers get through 50,000 in ~2 s (up to 1.5 s of it before the partitions are shared), hence 100,000.
     for kind, handler_ms, messages, quick_messages, bound in (
         ("io", 2.0, 50_000, 200, 1.8),
-        ("cpu", 0.0, 50_000, 200, 1.4),
+        ("cpu", 0.0, 100_000, 200, 1.4),
     ):
         base = {"keys": 1_000, "partitions": 16, "workers": 16, "handler_ms": handler_ms, "tag": kind}
         out.append(
