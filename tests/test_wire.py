@@ -747,3 +747,27 @@ async def test_leaving_a_busy_jetstream_bus_by_an_error_or_a_cancel_ends_within_
             scope.cancel()
             await trio.sleep_forever()
     assert trio.current_time() - start < 5
+
+
+@pytest.mark.nats
+async def test_after_wait_idle_messages_a_foreign_client_publishes_are_still_handled(
+    nats_server: NatsServer,
+) -> None:
+    # wait_idle() checks how far the consumer is; the reader must not take that for a drain and stop pulling.
+    seen: list[bytes] = []
+    four = trio.Event()
+
+    async def handler(msg: keyedbus.Message) -> None:
+        seen.append(msg.data)
+        if len(seen) == 4:
+            four.set()
+
+    theirs = {"op": "publish", "subject": "orders", "headers": {"X-Aggregate-Id": "k"}}
+    with trio.fail_after(60):
+        async with keyedbus.open_bus(nats_server.url, drain_timeout=20) as bus:
+            await bus.subscribe("orders", handler)
+            await bus.publish("orders", b"ours", key="k")
+            await bus.wait_idle()
+            await foreign(nats_server.url, *[{**theirs, "data": f"theirs-{i}"} for i in range(3)])
+            await four.wait()
+            assert seen == [b"ours", b"theirs-0", b"theirs-1", b"theirs-2"]

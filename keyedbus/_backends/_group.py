@@ -223,6 +223,11 @@ class GroupSubscription:
     async def caught_up(self) -> bool:
         return all([await sub.caught_up() for sub in self.parts])
 
+    def drain_checked(self) -> None:
+        """The drain check is over: every partition's reader reads on."""
+        for sub in self.parts:
+            sub.drain_checked()
+
     def idle(self) -> bool:
         return all(sub.idle() for sub in self.parts)
 

@@ -750,6 +750,10 @@ class PullSubscription:
             return True
         return floor >= max(self.drain_target, self.conn.published_seq(self.topic))
 
+    def drain_checked(self) -> None:
+        """The drain check is over: read on (`wait_idle()` is not a drain; what comes next is ours)."""
+        self.drain_target = None
+
     def idle(self) -> bool:
         return not self.outstanding
 

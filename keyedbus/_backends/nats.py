@@ -271,8 +271,17 @@ class NatsBackend:
     async def wait_settled(self) -> None:
         """Wait until every subscribed topic has had what was published before now handled and settled.
 
-        Messages others publish after the drain began are left for the next consumer.
+        While it waits, JetStream readers fetch no further than what was published when it began (what
+        others publish meanwhile is left for later, or for the next consumer when the bus is leaving); once
+        it returns or is cancelled they read on.
         """
+        try:
+            await self._wait_settled()
+        finally:
+            for sub in list(self._pull_subs):
+                sub.drain_checked()
+
+    async def _wait_settled(self) -> None:
         while True:
             if self._conn.unsent:
                 await trio.sleep(0.01)  # our own publishes first: they may go to a subscribed topic
