@@ -73,3 +73,15 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 def clock(backend: Backend) -> trio.testing.MockClock | None:
     """A virtual clock that jumps while every task waits (memory only: real sockets need real time)."""
     return trio.testing.MockClock(autojump_threshold=0) if backend.virtual_time else None
+
+
+def all_tasks() -> int:
+    """Tasks alive in this trio run, the root task included (for tests of what outlives what)."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    count, stack = 0, [root]
+    while stack:
+        task = stack.pop()
+        count += 1
+        stack.extend(t for n in task.child_nurseries for t in n.child_tasks)
+    return count

@@ -14,6 +14,8 @@ import keyedbus._statistics
 from keyedbus._pool import KeyedWorkerPool, fnv1a_32
 from keyedbus.testing import wait_until_handled
 
+from .conftest import all_tasks
+
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
@@ -176,24 +178,13 @@ async def test_an_exception_in_the_block_propagates_as_itself(autojump_clock: ob
     assert str(info.value) == "in the block"
 
 
-def _all_tasks() -> int:
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    count, stack = 0, [root]
-    while stack:
-        task = stack.pop()
-        count += 1
-        stack.extend(t for n in task.child_nurseries for t in n.child_tasks)
-    return count
-
-
 async def test_no_task_outlives_the_block(autojump_clock: object) -> None:
-    before = _all_tasks()
+    before = all_tasks()
     async with keyedbus.open_bus(pool=keyedbus.PoolConfig(workers=8)) as bus:
         await bus.subscribe("orders", noop)
         await bus.publish("orders", b"x", key="k")
-        assert _all_tasks() > before + 8
-    assert _all_tasks() == before
+        assert all_tasks() > before + 8
+    assert all_tasks() == before
 
 
 async def test_the_bus_refuses_use_after_close(autojump_clock: object) -> None:

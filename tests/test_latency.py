@@ -8,18 +8,9 @@ import trio.testing
 
 import keyedbus
 
+from .conftest import all_tasks
+
 EPHEMERAL = keyedbus.TopicConfig(persistence="ephemeral")
-
-
-def _all_tasks() -> int:
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    count, stack = 0, [root]
-    while stack:
-        task = stack.pop()
-        count += 1
-        stack.extend(t for n in task.child_nurseries for t in n.child_tasks)
-    return count
 
 
 @pytest.mark.parametrize("config", [keyedbus.TopicConfig(), EPHEMERAL], ids=["persistent", "ephemeral"])
@@ -50,13 +41,13 @@ async def test_a_quiet_subscription_keeps_no_task(config: keyedbus.TopicConfig) 
         await bus.configure_topic("quiet", config)
         await bus.subscribe("quiet", noop)
         await trio.testing.wait_all_tasks_blocked()
-        idle = _all_tasks()
+        idle = all_tasks()
         for i in range(100):
             await bus.publish("quiet", b"x", key=f"key-{i}")
         await trio.testing.wait_all_tasks_blocked()
         # Its subscription task ran while there was something to take, then exited (flat cost).
         assert bus.statistics().handled == 100
-        assert _all_tasks() == idle
+        assert all_tasks() == idle
 
 
 async def noop(msg: keyedbus.Message) -> None:
