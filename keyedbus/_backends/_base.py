@@ -30,19 +30,6 @@ class Delivery(Protocol):
     def release(self) -> None:
         """Leave unsettled: the broker delivers it again later, to this group's next subscriber."""
 
-    @property
-    def sequence(self) -> int:
-        """The broker's sequence of this message (stream order); 0 where there is none (ephemeral)."""
-        ...
-
-    def defer(self, delay: float) -> bool:
-        """Hand it back now, to be delivered again no sooner than `delay` seconds from now.
-
-        The pool uses it for a parked key's backlog beyond its bound. The redelivery's `attempt` does not
-        count the deferral. False if the broker cannot take it back (ephemeral: the message is gone).
-        """
-        ...
-
 
 @attrs.define(eq=False)
 class Outgoing:
@@ -71,15 +58,6 @@ class AtMostOnceDelivery:
 
     def release(self) -> None:
         """At-most-once: nothing to settle."""
-
-    @property
-    def sequence(self) -> int:
-        """At-most-once: no sequence."""
-        return 0
-
-    def defer(self, delay: float) -> bool:
-        """At-most-once: the broker cannot take it back."""
-        return False
 
 
 class Inbox(Protocol):

@@ -95,14 +95,6 @@ class _Delivery:
     def release(self) -> None:
         """Nothing to do: an unsettled message stays outstanding and is redelivered after detach."""
 
-    @property
-    def sequence(self) -> int:
-        return self.seq
-
-    def defer(self, delay: float) -> bool:
-        self.group.defer(self, delay)
-        return True
-
 
 #: The log of every topic with nothing stored (see _Topic.__init__); nothing is ever appended to it.
 _NO_LOG: deque[_Entry] = deque()
@@ -311,8 +303,6 @@ class _Group:
     __slots__ = (
         "acked",
         "cursor",
-        "deferred",
-        "deferred_scope",
         "floor",
         "generation",
         "inbox",
@@ -334,9 +324,6 @@ class _Group:
         self.outstanding: dict[int, int] = {}  # delivered, not settled: seq -> deliveries so far
         #: Sequences to deliver again, the next one last (a list: an empty deque costs 760 bytes a group).
         self.redeliver: list[int] = []
-        #: Handed back by the pool to be delivered again at a time: seq -> due (still outstanding).
-        self.deferred: dict[int, float] = {}
-        self.deferred_scope: trio.CancelScope | None = None  # while a task waits to redeliver them
         self.generation = 0
         self.subscribed = False
         self.inbox: Inbox | None = None  # set while subscribed and not stopped
@@ -355,7 +342,7 @@ class _Group:
         return (
             seq >= self.floor
             and (self.acked is None or seq not in self.acked)
-            and (seq not in self.outstanding or seq in self.deferred)
+            and seq not in self.outstanding
         )
 
     def skip_to(self, first: int) -> None:
@@ -368,7 +355,6 @@ class _Group:
             self.acked = {s for s in self.acked if s >= first} or None
         self.outstanding = {s: n for s, n in self.outstanding.items() if s >= first}
         self.redeliver = [s for s in self.redeliver if s >= first]
-        self.deferred = {s: due for s, due in self.deferred.items() if s >= first}
 
     def take(self, limit: int) -> list[_Delivery]:
         out: list[_Delivery] = []
@@ -426,38 +412,8 @@ class _Group:
         if self.topic.changed:
             self.topic.changed.unpark_all()
 
-    def defer(self, delivery: _Delivery, delay: float) -> None:
-        """Deliver `delivery` again no sooner than `delay` s from now; the deferral is not an attempt."""
-        seq = delivery.seq
-        if delivery.generation != self.generation or seq not in self.outstanding or self.task is None:
-            return  # stale: handed back to the group by a detach already
-        self.outstanding[seq] -= 1  # take() adds the delivery back: the redelivery's attempt is the same
-        self.deferred[seq] = trio.current_time() + delay
-        if self.deferred_scope is None:
-            self.deferred_scope = trio.CancelScope()
-            self.task.nursery.start_soon(self._redeliver_deferred, self.deferred_scope)
-
-    async def _redeliver_deferred(self, scope: trio.CancelScope) -> None:
-        """Move deferred messages to the redelivery list, in log order, as they fall due."""
-        with scope:
-            while self.deferred:
-                await trio.sleep_until(min(self.deferred.values()))
-                now = trio.current_time()
-                due = [seq for seq, at in self.deferred.items() if at <= now]
-                for seq in due:
-                    del self.deferred[seq]
-                self.redeliver = sorted(set(self.redeliver).union(due), reverse=True)
-                self.wake()
-        if self.deferred_scope is scope:
-            self.deferred_scope = None
-
     def detach(self) -> None:
         """Hand every unsettled message back, in log order, for the group's next subscriber."""
-        # Deferred ones are outstanding: they go back with the rest, at once.
-        self.deferred.clear()
-        if self.deferred_scope is not None:
-            self.deferred_scope.cancel()
-            self.deferred_scope = None
         self.generation += 1
         self.redeliver = sorted(set(self.outstanding) | set(self.redeliver), reverse=True)
         self.subscribed = False
