@@ -68,22 +68,17 @@ def wire_headers(out: Outgoing) -> dict[str, str]:
 
 @attrs.define(eq=False)
 class Publish:
-    """One message for the publish pump."""
+    """One JetStream publish for the publish pump (core publishes go straight into nats-py's buffer)."""
 
     topic: str
     data: bytes
     headers: dict[str, str]
     message_id: str
-    #: Set once the store ack (or error) is in, for a persistent publish; None for core NATS, which nobody
-    #: waits for (no Event per message on the hot path).
-    done: trio.Event | None
+    #: Set once the store ack (or error) is in.
+    done: trio.Event = attrs.field(factory=trio.Event)
     error: BaseException | None = None
     #: The subject, when it is not the topic (a partition of a partitioned topic).
     subject: str | None = None
-
-    @property
-    def persistent(self) -> bool:
-        return self.done is not None
 
 
 class NatsConnection:
@@ -132,7 +127,7 @@ class NatsConnection:
     # -- publishing -----------------------------------------------------------------------------------
 
     async def queue_publish(self, request: Publish) -> None:
-        """Hand one message to the publish pump (waiting for room); a persistent one sets `done` later."""
+        """Hand one message to the publish pump (waiting for room); it sets `request.done` later."""
         # Counted before the send: a send to a waiting pump leaves the channel's buffer empty.
         self.publish_count += 1
         self.unsent += 1
@@ -141,12 +136,6 @@ class NatsConnection:
         except BaseException:
             self.unsent -= 1
             raise
-
-    def queue_publish_nowait(self, request: Publish) -> None:
-        """Hand one message to the publish pump, or raise trio.WouldBlock."""
-        self._pub_send.send_nowait(request)
-        self.publish_count += 1
-        self.unsent += 1
 
     async def publish_core(self, request: Outgoing, command: bytes) -> None:
         """Send a core-NATS publish (`command`, encoded by `_natspy.publish_command`) from this task.
@@ -208,32 +197,25 @@ class NatsConnection:
     def _finish_publishes(self, batch: list[Publish], results: list[BaseException | int]) -> None:
         for request, result in zip(batch, results, strict=True):
             if isinstance(result, int):
-                if result:  # a stored sequence (core NATS gives 0: nothing to remember)
-                    self._published[request.topic] = max(self._published.get(request.topic, 0), result)
-            elif request.persistent:
+                self._published[request.topic] = max(self._published.get(request.topic, 0), result)
+            else:
                 request.error = result
-            else:  # nobody waits for a core publish: say it, never drop it silently
-                logger.error("could not send a message to %s: %s", request.topic, result)
-            if request.done is not None:
-                request.done.set()
+            request.done.set()
 
     async def _aio_publish(self, batch: list[Publish]) -> list[BaseException | int]:
-        """Publish a batch; each result is the stored sequence (0 on core NATS) or the error."""
+        """Publish a batch to JetStream; each result is the stored sequence or the error."""
         results: list[BaseException | int] = [0] * len(batch)
         pending: list[tuple[int, Any]] = []
         for index, request in enumerate(batch):
             try:
-                if request.persistent:
-                    pending.append(
-                        (
-                            index,
-                            self.js.publish(
-                                request.subject or request.topic, request.data, headers=request.headers
-                            ),
-                        )
+                pending.append(
+                    (
+                        index,
+                        self.js.publish(
+                            request.subject or request.topic, request.data, headers=request.headers
+                        ),
                     )
-                else:
-                    await self.nc.publish(request.topic, request.data, headers=request.headers or None)
+                )
             except Exception as exc:
                 results[index] = publish_error(request, exc, sent=False)
         if pending:

@@ -144,14 +144,13 @@ class NatsBackend:
             await self._conn.publish_core(out, self._core_command(out))
             return
         for attempt in (1, 2):
-            request = self._request(out, trio.Event())
+            request = self._request(out)
             stream = await self._streams.ensure(out.topic, out.config)
             partitions = stream.partitions(out.topic)
             if partitions > 1:
                 key = out.headers.get(KEY_HEADER)
                 request.subject = _scaleout.publish_subject(out.topic, partitions, key, out.message_id)
             await self._conn.queue_publish(request)
-            assert request.done is not None
             await request.done.wait()
             error = request.error
             if error is None:
@@ -189,9 +188,9 @@ class NatsBackend:
         self._check_size(out, size)
         return command
 
-    def _request(self, out: Outgoing, done: trio.Event | None) -> Publish:
-        """The message for the publish pump, checked against the server's max_payload at the call."""
-        request = Publish(out.topic, out.data, wire_headers(out), out.message_id, done)
+    def _request(self, out: Outgoing) -> Publish:
+        """The JetStream publish for the pump, checked against the server's max_payload at the call."""
+        request = Publish(out.topic, out.data, wire_headers(out), out.message_id)
         self._check_size(request, _natspy.encoded_size(out.data, request.headers))
         return request
 
