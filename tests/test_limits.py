@@ -4,8 +4,11 @@ tests lower them to keep the runs small."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
+import tracemalloc
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import pytest
@@ -293,3 +296,149 @@ async def test_max_payload_is_refused_for_nats_urls() -> None:
     with pytest.raises(keyedbus.InvalidConfigError, match=r"^max_payload applies to memory:// only"):
         async with keyedbus.open_bus("nats://127.0.0.1:1", max_payload=100):
             pass
+
+
+# Interest retention: a message every group has settled leaves the log at once, even above a group's ack
+# floor, so a parked key pins sequence numbers, not messages (JetStream's interest retention).
+
+_PARKED_RETRY = keyedbus.RetryPolicy(max_attempts=5, initial_backoff=100, max_backoff=100, jitter=0)
+
+
+def _parking_handler(seen: list[tuple[str, bytes, int]]) -> Callable[[keyedbus.Message], Awaitable[None]]:
+    """A handler recording (key, data, attempt); b"p1" fails its first two attempts (100 s backoff each)."""
+
+    async def handler(msg: keyedbus.Message) -> None:
+        seen.append((msg.key or "", msg.data, msg.attempt))
+        if msg.data == b"p1" and msg.attempt <= 2:
+            raise RuntimeError("parked")
+
+    return handler
+
+
+async def test_settled_messages_behind_a_parked_key_hold_no_room(
+    small_bounds: None, autojump_clock: object
+) -> None:
+    seen: list[tuple[str, bytes, int]] = []
+    async with keyedbus.open_bus(retry=_PARKED_RETRY) as bus:
+        await bus.subscribe("orders", _parking_handler(seen))
+        await bus.publish("orders", b"p1", key="poison")
+        await bus.publish("orders", b"p2", key="poison")
+        # p1 waits 100 s for its retry, p2 waits behind it: the group's ack floor stays at p1. Before
+        # interest retention every healthy message settled behind it kept its room (3 here), so these
+        # publishes waited for p1's retry: fail_after(60) would fire first.
+        with trio.fail_after(60):
+            for i in range(30):
+                await bus.publish("orders", b"h%d" % i, key=f"h{i}")
+            await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() < 100
+        assert sorted(d for k, d, _ in seen if k != "poison") == sorted(b"h%d" % i for i in range(30))
+        await wait_until_handled(bus)
+        assert bus.statistics().evicted == 0
+    assert [(d, a) for k, d, a in seen if k == "poison"] == [(b"p1", 1), (b"p1", 2), (b"p1", 3), (b"p2", 1)]
+
+
+async def test_memory_behind_a_parked_key_is_freed_once_handled(autojump_clock: object) -> None:
+    seen: list[tuple[str, bytes, int]] = []
+    count = 400
+    size = 10_000  # 4 MB in all: what the log used to keep until the parked key's retry
+    async with keyedbus.open_bus(retry=_PARKED_RETRY) as bus:
+        await bus.subscribe("orders", _parking_handler(seen))
+        await bus.publish("orders", b"p1", key="poison")
+        await trio.testing.wait_all_tasks_blocked()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(count):
+                await bus.publish("orders", bytes([i % 256]) * size, key=f"h{i % 50}")
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(seen) == 1 + count and trio.current_time() < 100  # handled, p1 still parked
+            gc.collect()
+            retained = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        # What stays is the sequence numbers settled above the floor, not the messages (4,000,000 bytes).
+        assert retained < count * size // 10
+        await wait_until_handled(bus)
+    assert [(d, a) for k, d, a in seen if k == "poison"] == [(b"p1", 1), (b"p1", 2), (b"p1", 3)]
+
+
+@pytest.mark.parametrize("limit", [{"max_msgs": 3}, {"max_bytes": 20}])
+async def test_a_parked_keys_messages_come_back_in_order_after_resubscribe_under_limits(
+    limit: dict[str, int], autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[tuple[str, bytes, int]] = []
+    async with keyedbus.open_bus(retry=_PARKED_RETRY) as bus:
+        await bus.configure_topic("orders", keyedbus.TopicConfig(**limit))  # type: ignore[arg-type]
+        sub = await bus.subscribe("orders", _parking_handler(seen))
+        await bus.publish("orders", b"p1", key="poison")
+        await bus.publish("orders", b"p2", key="poison")
+        for i in range(20):
+            await bus.publish("orders", b"h%d" % i, key=f"h{i}")  # 20 x 2-3 bytes, all settled
+            await trio.testing.wait_all_tasks_blocked()
+        # Only p1 and p2 are unsettled: the settled messages behind them counted toward neither limit,
+        # so neither was evicted. Unsubscribing hands them back; the next subscriber gets them in order.
+        await sub.unsubscribe()
+        assert trio.current_time() < 100
+        await bus.subscribe("orders", _parking_handler(seen))
+        await wait_until_handled(bus)
+        assert bus.statistics().evicted == 0
+    poison = [(d, a) for k, d, a in seen if k == "poison"]
+    assert poison == [(b"p1", 1), (b"p1", 2), (b"p1", 3), (b"p2", 2)]
+    assert _evictions(caplog, "orders") == 0
+
+
+async def test_user_limits_still_evict_unsettled_messages_counted_behind_a_parked_key(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[tuple[str, bytes, int]] = []
+    async with keyedbus.open_bus(retry=_PARKED_RETRY) as bus:
+        await bus.configure_topic("orders", keyedbus.TopicConfig(max_msgs=3))
+        sub = await bus.subscribe("orders", _parking_handler(seen), group="g")
+        await bus.publish("orders", b"p1", key="poison")
+        for i in range(10):
+            await bus.publish("orders", b"h%d" % i, key=f"h{i}")
+            await trio.testing.wait_all_tasks_blocked()
+        await sub.unsubscribe()  # p1 handed back: the only unsettled message
+        for i in range(10, 14):
+            await bus.publish("orders", b"h%d" % i, key=f"h{i}")  # nobody subscribed: 5 unsettled > 3
+        assert bus.statistics().evicted == 2  # p1 and h10, the oldest unsettled
+        await bus.subscribe("orders", _parking_handler(seen), group="g")
+        await wait_until_handled(bus)
+    assert [d for _, d, _ in seen[11:]] == [b"h11", b"h12", b"h13"]
+    assert _evictions(caplog, "orders") == 2
+
+
+async def test_a_group_subscribing_later_gets_only_what_some_group_has_not_settled(
+    autojump_clock: object,
+) -> None:
+    first: list[tuple[str, bytes, int]] = []
+    later: list[tuple[str, bytes, int]] = []
+    async with keyedbus.open_bus(retry=_PARKED_RETRY) as bus:
+        await bus.subscribe("orders", _parking_handler(first), group="a")
+        await bus.publish("orders", b"p1", key="poison")
+        for i in range(5):
+            await bus.publish("orders", b"h%d" % i, key=f"h{i}")
+        await trio.testing.wait_all_tasks_blocked()
+        # Group a settled h0..h4 (they are gone); p1 waits for its retry, so it is still kept, and a group
+        # subscribing now starts at it: it gets p1 and what is published from now on, not h0..h4.
+        await bus.subscribe("orders", _parking_handler(later), group="b")
+        await bus.publish("orders", b"h5", key="h5")
+        await wait_until_handled(bus)
+    assert sorted(d for _, d, _ in later) == [b"h5", b"p1", b"p1", b"p1"]
+    assert sorted(d for _, d, _ in first) == [b"h0", b"h1", b"h2", b"h3", b"h4", b"h5", b"p1", b"p1", b"p1"]
+
+
+async def test_a_message_one_group_settled_stays_for_a_group_that_has_not(autojump_clock: object) -> None:
+    a: list[tuple[str, bytes, int]] = []
+    b: list[tuple[str, bytes, int]] = []
+    async with keyedbus.open_bus(retry=_PARKED_RETRY) as bus:
+        await bus.subscribe("orders", _parking_handler(a), group="a")
+        sub_b = await bus.subscribe("orders", _parking_handler(b), group="b")
+        await sub_b.unsubscribe()
+        for i in range(5):
+            await bus.publish("orders", b"h%d" % i, key="k")
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(a) == 5  # settled by a, not yet delivered to b: kept for b
+        await bus.subscribe("orders", _parking_handler(b), group="b")
+        await wait_until_handled(bus)
+    assert [d for _, d, _ in b] == [b"h%d" % i for i in range(5)]
