@@ -96,6 +96,10 @@ class _Delivery:
         """Nothing to do: an unsettled message stays outstanding and is redelivered after detach."""
 
 
+#: What stands in the log for a message every group has settled while an older one is not (interest
+#: retention): its body and everything it pinned are freed; only the slot keeps the log indexed by sequence.
+#: Its stored_at is -inf so a max_age pass drops it with the evicted ones (it never counts as evicted).
+_GONE = _Entry(0, b"", {}, "", float("-inf"))
 #: The log of every topic with nothing stored (see _Topic.__init__); nothing is ever appended to it.
 _NO_LOG: deque[_Entry] = deque()
 #: The `room` of every topic no publisher ever waited on; nobody ever parks in it (publish swaps it first).
@@ -137,7 +141,9 @@ class _Topic:
         "ephemeral_subs",
         "evicted_why",
         "evictions",
+        "gone",
         "groups",
+        "head",
         "log",
         "logged_at",
         "name",
@@ -156,7 +162,9 @@ class _Topic:
         # An empty deque holds a 64-slot block (~760 bytes): a topic with nothing stored shares _NO_LOG, never
         # appended to, so idle and drained topics cost little (flat cost, many topics).
         self.log: deque[_Entry] = _NO_LOG
-        self.bytes = 0
+        self.head = 1  # the sequence of log[0]; next_seq when the log is empty
+        self.gone = 0  # _GONE slots in the log: stored messages are len(log) - gone
+        self.bytes = 0  # payload bytes of the stored messages (not of _GONE slots)
         self.next_seq = 1
         self.groups: dict[str, _Group] = {}
         self.ephemeral_subs: list[_EphemeralSubscription] = []
@@ -172,10 +180,44 @@ class _Topic:
 
     @property
     def first_seq(self) -> int:
-        return self.log[0].seq if self.log else self.next_seq
+        return self.head
 
-    def entry(self, seq: int) -> _Entry:
-        return self.log[seq - self.first_seq]
+    @property
+    def stored(self) -> int:
+        """Messages kept for some group (or for none yet): what max_msgs and DEFAULT_MAX_MSGS count."""
+        return len(self.log) - self.gone
+
+    def _pop(self) -> _Entry:
+        """Drop the oldest slot of the log and account for it; the caller knows the log is not empty."""
+        entry = self.log.popleft()
+        self.head += 1
+        if entry is _GONE:
+            self.gone -= 1
+        else:
+            self.bytes -= len(entry.data)
+        return entry
+
+    def forget(self, seq: int, by: _Group) -> None:
+        """`by` has just settled `seq`: drop its message if every other group has settled it too.
+
+        Interest retention: a message every group has settled holds neither memory nor room, even while an
+        older one keeps a group's ack floor below it (a parked key pins sequences, not messages).
+        """
+        groups = self.groups
+        if len(groups) > 1 and not all(g is by or g.has_settled(seq) for g in groups.values()):
+            return
+        i = seq - self.head
+        if i < 0:
+            return  # evicted already
+        log = self.log
+        entry = log[i]
+        if entry is _GONE:
+            return
+        log[i] = _GONE
+        self.gone += 1
+        self.bytes -= len(entry.data)
+        if self.room is not _NOBODY_WAITS and self.room:
+            self.room.unpark_all()
 
     def make_room(self, size: int, now: float | None = None) -> bool:
         """Evict what the limits say must go for a message of `size` bytes; False if it must wait instead.
@@ -197,7 +239,7 @@ class _Topic:
             self._evict(f"TopicConfig max_msgs={cfg.max_msgs}", now, max_msgs=cfg.max_msgs)
         if cfg.max_bytes is not None:
             self._evict(f"TopicConfig max_bytes={cfg.max_bytes}", now, max_bytes=cfg.max_bytes, size=size)
-        return cfg.max_msgs is not None or len(self.log) < DEFAULT_MAX_MSGS
+        return cfg.max_msgs is not None or len(self.log) - self.gone < DEFAULT_MAX_MSGS
 
     def _evict(
         self,
@@ -214,18 +256,26 @@ class _Topic:
         log = self.log
         groups = self.groups.values()
         unsettled = 0
+        head = self.head
         while log and (
-            (max_msgs is not None and len(log) >= max_msgs)
+            (max_msgs is not None and len(log) - self.gone >= max_msgs)
             or (max_bytes is not None and self.bytes + size > max_bytes)
             or (older_than is not None and log[0].stored_at <= older_than)
         ):
-            entry = log.popleft()
-            self.bytes -= len(entry.data)
+            entry = self._pop()
+            if entry is _GONE:
+                continue  # every group had settled it
             seq = entry.seq
             if not groups or any(g.will_not_handle(seq) for g in groups):
                 unsettled += 1
+        if self.head == head:
+            return
+        while log and log[0] is _GONE:
+            self._pop()  # settled by every group: nobody needs the slot once the message before it is gone
+        if not log:
+            self.log = _NO_LOG
         for group in groups:
-            group.skip_to(self.first_seq)
+            group.skip_to(self.head)
         if unsettled:
             self.evictions.record(self, unsettled, why, trio.current_time() if now is None else now)
 
@@ -262,6 +312,7 @@ class _Topic:
     ) -> None:
         if self.log is _NO_LOG:
             self.log = deque()
+            self.head = self.next_seq
         self.log.append(_Entry(self.next_seq, data, headers, message_id, now))
         self.next_seq += 1
         self.bytes += len(data)
@@ -284,10 +335,19 @@ class _Topic:
                 low = next(iter(groups.values())).floor
             else:
                 low = min(g.floor for g in groups.values())
-            while self.log and self.log[0].seq < low:
-                self.bytes -= len(self.log.popleft().data)
-            if not self.log:
-                self.log = _NO_LOG
+            log = self.log
+            if log and self.head < low:
+                head = self.head
+                while log and head < low:
+                    entry = log.popleft()
+                    head += 1
+                    if entry is _GONE:
+                        self.gone -= 1
+                    else:
+                        self.bytes -= len(entry.data)
+                self.head = head
+                if not log:
+                    self.log = _NO_LOG
         max_age = self.config.max_age
         if max_age is not None and self.log:
             now = trio.current_time() if now is None else now
@@ -317,8 +377,10 @@ class _Group:
     def __init__(self, topic: _Topic, name: str) -> None:
         self.topic = topic
         self.name = name
-        self.cursor = topic.first_seq  # a new group starts at the oldest retained message
-        self.floor = topic.first_seq  # every seq below it is acked
+        # A new group starts at the oldest message kept: one some group has not settled (interest retention),
+        # or, on a topic no group had subscribed to, the oldest its bound kept.
+        self.cursor = topic.head
+        self.floor = topic.head  # every seq below it is settled
         #: Acked above the floor (settled out of order); None while there are none: an idle group is small.
         self.acked: set[int] | None = None
         self.outstanding: dict[int, int] = {}  # delivered, not settled: seq -> deliveries so far
@@ -332,17 +394,24 @@ class _Group:
     def settled(self) -> bool:
         return not self.outstanding and not self.redeliver and self.cursor >= self.topic.next_seq
 
+    def has_settled(self, seq: int) -> bool:
+        return seq < self.floor or (self.acked is not None and seq in self.acked)
+
     def will_not_handle(self, seq: int) -> bool:
         """Whether evicting `seq` now loses it for this group: not delivered yet, or handed back undelivered.
 
-        A delivered, unsettled message is in the pool and is still handled (its ack is then ignored).
+        A delivered, unsettled message is in the pool and is still handled (its ack is then ignored), unless
+        it was handed back (`detach`: the pool's copy is stale), which `outstanding` alone does not say (it
+        keeps the delivery count for the next attempt number).
         """
         if seq >= self.cursor:
             return True
+        if self.has_settled(seq):
+            return False
         return (
-            seq >= self.floor
-            and (self.acked is None or seq not in self.acked)
-            and seq not in self.outstanding
+            seq not in self.outstanding
+            or not self.subscribed
+            or (bool(self.redeliver) and seq in self.redeliver)
         )
 
     def skip_to(self, first: int) -> None:
@@ -350,11 +419,22 @@ class _Group:
         if self.floor >= first:
             return  # nothing of this group's was below `first`
         self.cursor = max(self.cursor, first)
-        self.floor = max(self.floor, first)
+        self.floor = first
         if self.acked is not None:
             self.acked = {s for s in self.acked if s >= first} or None
+        self._raise_floor()  # the new floor may be settled already: it must not wait for an ack never sent
         self.outstanding = {s: n for s, n in self.outstanding.items() if s >= first}
         self.redeliver = [s for s in self.redeliver if s >= first]
+
+    def _raise_floor(self) -> None:
+        """Move the floor past the sequences settled out of order right above it."""
+        acked = self.acked
+        if acked is not None:
+            while self.floor in acked:
+                acked.remove(self.floor)
+                self.floor += 1
+            if not acked:
+                self.acked = None
 
     def take(self, limit: int) -> list[_Delivery]:
         out: list[_Delivery] = []
@@ -362,15 +442,24 @@ class _Group:
         log = topic.log
         first = topic.first_seq  # nothing is stored or trimmed while it takes
         outstanding = self.outstanding
+        skipped = False
         while len(out) < limit and (self.redeliver or self.cursor < topic.next_seq):
             if self.redeliver:
                 seq = self.redeliver.pop()
             else:
                 seq = self.cursor
                 self.cursor += 1
+            entry = log[seq - first]
+            if entry is _GONE:
+                # Every group that existed when it was settled had settled it; this one came later (see
+                # __init__): it counts as settled here too.
+                skipped = True
+                if self.acked is None:
+                    self.acked = set()
+                self.acked.add(seq)
+                continue
             count = outstanding.get(seq, 0) + 1
             outstanding[seq] = count
-            entry = log[seq - first]
             message = Message(
                 topic=topic.name,
                 data=entry.data,
@@ -380,6 +469,11 @@ class _Group:
                 message_id=entry.message_id,
             )
             out.append(_Delivery(self, seq, self.generation, message))
+        if skipped:
+            floor = self.floor
+            self._raise_floor()
+            if self.floor != floor:
+                topic.trim()
         return out
 
     def has_backlog(self) -> bool:
@@ -395,10 +489,12 @@ class _Group:
         if delivery.generation != self.generation or seq not in self.outstanding:
             return  # stale: handed back to the group by a detach, or expired
         del self.outstanding[seq]
+        topic = self.topic
         if seq != self.floor:
             if self.acked is None:
                 self.acked = set()
             self.acked.add(seq)
+            topic.forget(seq, self)
         else:
             self.floor += 1
             acked = self.acked
@@ -408,7 +504,9 @@ class _Group:
                     self.floor += 1
                 if not acked:
                     self.acked = None
-            self.topic.trim()
+            if len(topic.groups) > 1:
+                topic.forget(seq, self)  # trim drops it only once every floor has passed it
+            topic.trim()
         if self.topic.changed:
             self.topic.changed.unpark_all()
 
@@ -710,7 +808,7 @@ class MemoryBackend:
         why = t.can_make_room()
         if why is not None:
             raise TopicFullError(
-                f"topic {t.name!r} is full ({len(t.log)} messages unsettled): {why}", topic=t.name
+                f"topic {t.name!r} is full ({t.stored} messages unsettled): {why}", topic=t.name
             )
 
     def evicted(self) -> int:
