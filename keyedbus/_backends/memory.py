@@ -1,14 +1,21 @@
 """The embedded broker behind ``memory://``: JetStream-like logs, cursors, acks and redelivery, in process.
 
 Persistent topics keep a bounded log; each (topic, group) has its own cursor, acks and redelivery list, and
-a message leaves the log once every group has acked it. Ephemeral topics fan out to each subscriber's bounded
-buffer with no log (at-most-once): a full buffer drops the message and counts it.
+a message leaves the log once every group has settled it (acked or terminated), even while an older message
+is not: JetStream's interest retention. A message settled above a group's ack floor (behind a parked key,
+say) leaves a shared `_GONE` marker in its slot, so the log stays indexed by sequence: a parked key pins
+sequence numbers (a slot and an entry in the group's set of acks above its floor), not messages. A group
+that subscribes later starts at the oldest message kept, so it gets every message some group has not
+settled yet and none that every group had settled before it came (a topic no group has subscribed to keeps
+everything up to its bound, so its first group gets all of that). Ephemeral topics fan out to each
+subscriber's bounded buffer with no log (at-most-once): a full buffer drops the message and counts it.
 
 Limits and retention (docs/semantics.md): limits the user set (max_msgs, max_bytes, max_age) evict the
 oldest messages, as JetStream's ``discard: old`` does; a topic no group has subscribed to keeps at most
 UNREAD_MAX_MSGS / UNREAD_MAX_BYTES and evicts the oldest beyond; every eviction of a message some group had
 not settled is counted and logged. Without user limits nothing a group has not settled is evicted: at
-DEFAULT_MAX_MSGS a publish waits while a subscriber can make room, else raises TopicFullError.
+DEFAULT_MAX_MSGS a publish waits while a subscriber can make room, else raises TopicFullError. Every bound
+(max_msgs, max_bytes, DEFAULT_MAX_MSGS) counts the messages kept, never a settled one's marker.
 
 A publish only stores (appends to the log, or puts into each ephemeral subscriber's buffer) and wakes the
 subscription's task. That task takes what was stored in batches and hands them to the bus (`Inbox.deliver`:
@@ -494,7 +501,19 @@ class _Group:
             if self.acked is None:
                 self.acked = set()
             self.acked.add(seq)
-            topic.forget(seq, self)
+            if len(topic.groups) == 1:
+                # topic.forget inlined (it runs on most acks: settling is out of order across workers). The
+                # only group has settled it: its message goes. It is in the log (evicted, it would be stale).
+                log = topic.log
+                i = seq - topic.head
+                entry = log[i]
+                log[i] = _GONE
+                topic.gone += 1
+                topic.bytes -= len(entry.data)
+                if topic.room is not _NOBODY_WAITS and topic.room:
+                    topic.room.unpark_all()
+            else:
+                topic.forget(seq, self)
         else:
             self.floor += 1
             acked = self.acked
