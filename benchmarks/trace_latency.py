@@ -1,6 +1,6 @@
 """Where the `latency` scenario's time goes: trio scheduling rounds per message, counted with an Instrument.
 
-    python -m benchmarks.trace_latency [--side ours|baseline] [--messages 5000] [--keys 1000]
+    python -m benchmarks.trace_latency [--side ours|baseline] [--messages 5000] [--keys 1000] [--gc]
 
 Runs one side of `latency` (benchmarks/_bench_run.py, its own pacing: half the side's measured maximum rate,
 a burst every 1 ms) under a trio Instrument, and prints for the paced messages: the scheduling rounds (one
@@ -8,11 +8,19 @@ io wait, then one batch of runnable tasks) between the publish and the handler s
 their time per message, tasks spawned, rounds with a garbage collection, and the rounds of the median, the
 99th percentile and the slowest message (which tasks ran, steps over 50 us). The instrument slows every
 step a little: the counts are what matter; absolute times are inflated and, on a busy machine, noisy.
+
+The instrument keeps a record of every round and step, and those records alone set off a garbage collection
+every 100-150 messages (the collector runs when tracked allocations outnumber deallocations by 700), which
+the scenario itself never does. So the collector is off while it traces. `--gc` runs the side without the
+instrument and counts the collections in the paced part, and how many of the slowest 1% had one while they
+were in flight; it keeps its records in arrays of floats (nothing the collector tracks).
 """
 
 from __future__ import annotations
 
 import argparse
+import array
+import bisect
 import collections
 import contextlib
 import gc
@@ -117,10 +125,14 @@ async def _run(side: str, params: dict[str, Any]) -> None:
 
     _bench_run._latency = traced
     trio.lowlevel.add_instrument(instrument)
+    was_enabled = gc.isenabled()
+    gc.disable()  # the records above would cause collections of their own (see the module docstring)
     try:
         with _gc_watch(instrument.collected):
             result = await getattr(_bench_run, f"{side}_latency")(params)
     finally:
+        if was_enabled:
+            gc.enable()
         trio.lowlevel.remove_instrument(instrument)
         _bench_run._latency = original
     print(
@@ -185,14 +197,70 @@ def _summary(rounds: list[_Round], rows: list[tuple[float, int, int, int]]) -> N
             )
 
 
+async def _gc_run(side: str, params: dict[str, Any]) -> None:
+    """Run one side uninstrumented; count the collections of the paced part and the slow messages they hit."""
+    probe, total = params["probe"], params["probe"] + params["messages"]
+    stamps = array.array("d", bytes(8 * total))  # publish stamp of the n-th message handled
+    starts = array.array("d", bytes(8 * total))  # when its handler started
+    gc_from, gc_to = array.array("d"), array.array("d")  # each collection's start and end
+    handled = 0
+    at: dict[str, list[int]] = {}  # collections per generation at the paced part's start and end
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        (gc_from if phase == "start" else gc_to).append(time.perf_counter())
+
+    original = _bench_run._latency
+
+    async def counted(p: dict[str, Any], publish: Any, setup: Callable[[Any], Any]) -> dict[str, Any]:
+        @contextlib.asynccontextmanager
+        async def counted_setup(on_message: Any) -> AsyncIterator[Any]:
+            async def on(stamp: float) -> None:
+                nonlocal handled
+                stamps[handled], starts[handled] = stamp, time.perf_counter()
+                handled += 1
+                if handled in (probe, total):
+                    at["start" if handled == probe else "end"] = [g["collections"] for g in gc.get_stats()]
+                await on_message(stamp)
+
+            async with setup(on) as send:
+                yield send
+
+        return await original(p, publish, counted_setup)
+
+    _bench_run._latency = counted
+    gc.callbacks.append(callback)
+    try:
+        result = await getattr(_bench_run, f"{side}_latency")(params)
+    finally:
+        gc.callbacks.remove(callback)
+        _bench_run._latency = original
+    count = total - probe
+    per_generation = [end - start for start, end in zip(at["start"], at["end"], strict=True)]
+    rows = sorted(range(probe, total), key=lambda i: starts[i] - stamps[i])
+    slowest = rows[int(count * 0.99) :]
+
+    def hit(i: int) -> bool:  # a collection ran between its publish and its handler start
+        j = bisect.bisect_right(gc_from, starts[i]) - 1
+        return j >= 0 and j < len(gc_to) and gc_to[j] >= stamps[i]
+
+    print(
+        f"{side}: p99 {result['value']:.3f} ms, p50 {result['p50_ms']:.3f} ms "
+        f"at {result['rate']:.0f} msgs/s; "
+        f"paced part ({count} messages): collections of generation 0/1/2 {per_generation}; of the slowest 1% "
+        f"({len(slowest)}), {sum(hit(i) for i in slowest)} had a collection in flight"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", default="ours", choices=("ours", "baseline"))
     parser.add_argument("--messages", type=int, default=5_000)
     parser.add_argument("--keys", type=int, default=1_000)
     parser.add_argument("--probe", type=int, default=5_000)
+    parser.add_argument("--gc", action="store_true", help="count garbage collections, without the instrument")
     args = parser.parse_args()
-    trio.run(_run, args.side, {"messages": args.messages, "keys": args.keys, "probe": args.probe})
+    params = {"messages": args.messages, "keys": args.keys, "probe": args.probe}
+    trio.run(_gc_run if args.gc else _run, args.side, params)
 
 
 if __name__ == "__main__":

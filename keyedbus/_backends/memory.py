@@ -71,7 +71,10 @@ _EVICTION_LOG_INTERVAL = 10.0
 DEDUP_WINDOW = 120.0
 _BATCH = 256
 _PUBLISHES_PER_YIELD = 16
-#: Publishes in a run (see _Starts) per extra publish between two yields.
+#: A run of publishes (see _Starts) shorter than this yields at every publish.
+_BURST = 256
+#: From _BURST publishes on, a run yields every 2 publishes; from _FLOOD on, one more every _RUN_PER_STEP.
+_FLOOD = 1024
 _RUN_PER_STEP = 64
 
 
@@ -560,12 +563,22 @@ class _Starts:
 
     `count`: how many tasks publishes have started (a publish that started one lets it run at once).
     `running`: how many tasks run now. `run`: publishes since a task started while none ran, or since the
-    last running one exited. A publish yields every ``1 + run // _RUN_PER_STEP`` publishes (at most every
-    _PUBLISHES_PER_YIELD): a burst of up to _RUN_PER_STEP back-to-back publishes goes one message per
-    scheduling round, so no message waits for later ones to be published and handled first (latency); a
-    flood is taken in ever bigger batches, up to the cap after about a thousand publishes (throughput).
-    Since a task lingers one round after it found nothing, a flood keeps it running and the run growing;
-    only a pause long enough for every task to exit starts a new run.
+    last running one exited. Since a task lingers one round after it found nothing, a publisher that keeps
+    publishing keeps it running and the run growing; only a pause long enough for every task to exit starts
+    a new run. A publish yields:
+
+    - at every publish for the first _BURST publishes of a run: a burst goes one message per scheduling
+      round, so no message waits for later ones to be published and handled first (latency);
+    - every 2 publishes until _FLOOD: half the rounds per message, and a message waits for one later publish
+      at most. A publisher that keeps publishing faster than one message per round can carry (a paced one
+      that fell behind its schedule, as the latency benchmark's does on a busy machine) catches up there;
+    - then one more every _RUN_PER_STEP publishes, up to _PUBLISHES_PER_YIELD after about 2,000: a flood,
+      taken in ever bigger batches (throughput).
+
+    Batches of 3 and more cost latency in proportion (each message waits for the rest of its batch to be
+    published, delivered and handled in random order): when the batch grew by one every 64 publishes from
+    the start, a paced publisher behind its schedule reached batches of 3 to 16, and their messages were
+    the latency benchmark's slowest 1% (benchmarks/README.md, "latency on memory://").
     """
 
     __slots__ = ("count", "run", "running")
@@ -577,7 +590,12 @@ class _Starts:
 
     def every(self) -> int:
         """Publishes between two yields now."""
-        return min(1 + self.run // _RUN_PER_STEP, _PUBLISHES_PER_YIELD)
+        run = self.run
+        if run < _BURST:
+            return 1
+        if run < _FLOOD:
+            return 2
+        return min(2 + (run - _FLOOD) // _RUN_PER_STEP, _PUBLISHES_PER_YIELD)
 
 
 class _SubscriptionTask:
