@@ -239,9 +239,16 @@ class PullSubscription:
         floor, delivered = info["ack_floor"]["stream_seq"], info["delivered"]["stream_seq"]
         in_hand = {_natspy.delivery_info(m)[0]: m for m in batch}
         first_deliveries = all(_natspy.delivery_info(m)[1] == 1 for m in batch)
-        if first_deliveries and int(info.get("num_ack_pending") or 0) <= len(mine | in_hand.keys()):
+        # The consumer numbers every delivery, and its ack floor says up to which number all are settled.
+        # If the first delivery in hand comes right after the floor, every unsettled one came to this pin.
+        next_after_floor = int(info["ack_floor"].get("consumer_seq") or 0) + 1
+        if first_deliveries and (
+            int(info.get("num_ack_pending") or 0) <= len(mine | in_hand.keys())
+            or (batch and min(_natspy.consumer_seq(m) for m in batch) == next_after_floor)
+        ):
             # Every unsettled message is this process's, and none in hand came back from another reader:
-            # nothing is owed, so the range need not be read back (the common case: a first start).
+            # nothing is owed, so the range need not be read back (the common case: a first start, where
+            # the server may have sent more of the pull request than the batch in hand).
             return
         logger.info(
             "%s: this process now reads %s for group %r (pinned); checking messages %d..%d for keys still "
