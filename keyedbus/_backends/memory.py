@@ -391,7 +391,8 @@ class _Group:
         # or, on a topic no group had subscribed to, the oldest its bound kept.
         self.cursor = topic.head
         self.floor = topic.head  # every seq below it is settled
-        #: Acked above the floor (settled out of order); None while there are none: an idle group is small.
+        #: Acked above the floor (settled out of order) and not gone; None while there are none: an idle
+        #: group is small. A topic's only group keeps none: its out-of-order acks are the _GONE markers.
         self.acked: set[int] | None = None
         self.outstanding: dict[int, int] = {}  # delivered, not settled: seq -> deliveries so far
         #: Sequences to deliver again, the next one last (a list: an empty deque costs 760 bytes a group).
@@ -405,7 +406,11 @@ class _Group:
         return not self.outstanding and not self.redeliver and self.cursor >= self.topic.next_seq
 
     def has_settled(self, seq: int) -> bool:
-        return seq < self.floor or (self.acked is not None and seq in self.acked)
+        """Whether this group is done with `seq`: below its floor, acked above it, or gone (for all)."""
+        if seq < self.floor or (self.acked is not None and seq in self.acked):
+            return True
+        topic = self.topic
+        return topic.head <= seq < topic.next_seq and topic.log[seq - topic.head] is _GONE
 
     def will_not_handle(self, seq: int) -> bool:
         """Whether evicting `seq` now loses it for this group: not delivered yet, or handed back undelivered.
@@ -437,14 +442,22 @@ class _Group:
         self.redeliver = [s for s in self.redeliver if s >= first]
 
     def _raise_floor(self) -> None:
-        """Move the floor past the sequences settled out of order right above it."""
+        """Move the floor past the sequences settled out of order right above it (acked, or gone)."""
+        topic = self.topic
+        log = topic.log
+        head = topic.head
+        end = topic.next_seq
         acked = self.acked
-        if acked is not None:
-            while self.floor in acked:
-                acked.remove(self.floor)
-                self.floor += 1
-            if not acked:
-                self.acked = None
+        floor = self.floor
+        while floor < end:
+            if acked is not None and floor in acked:
+                acked.remove(floor)
+            elif not (floor >= head and log[floor - head] is _GONE):
+                break
+            floor += 1
+        self.floor = floor
+        if acked is not None and not acked:
+            self.acked = None
 
     def take(self, limit: int) -> list[_Delivery]:
         out: list[_Delivery] = []
@@ -462,11 +475,8 @@ class _Group:
             entry = log[seq - first]
             if entry is _GONE:
                 # Every group that existed when it was settled had settled it; this one came later (see
-                # __init__): it counts as settled here too.
+                # __init__): gone counts as settled for every group (has_settled, _raise_floor).
                 skipped = True
-                if self.acked is None:
-                    self.acked = set()
-                self.acked.add(seq)
                 continue
             count = outstanding.get(seq, 0) + 1
             outstanding[seq] = count
@@ -501,12 +511,11 @@ class _Group:
         del self.outstanding[seq]
         topic = self.topic
         if seq != self.floor:
-            if self.acked is None:
-                self.acked = set()
-            self.acked.add(seq)
             if len(topic.groups) == 1:
                 # topic.forget inlined (it runs on most acks: settling is out of order across workers). The
-                # only group has settled it: its message goes. It is in the log (evicted, it would be stale).
+                # only group has settled it, so its message goes, and the _GONE marker left in its slot is
+                # this group's record of the ack: no set of acks above the floor (~70 bytes a sequence)
+                # grows behind a parked key. It is in the log (evicted, the delivery would be stale).
                 log = topic.log
                 i = seq - topic.head
                 entry = log[i]
@@ -516,16 +525,22 @@ class _Group:
                 if topic.room is not _NOBODY_WAITS and topic.room:
                     topic.room.unpark_all()
             else:
+                if self.acked is None:
+                    self.acked = set()
+                self.acked.add(seq)
                 topic.forget(seq, self)
         else:
-            self.floor += 1
-            acked = self.acked
-            if acked is not None:
-                while self.floor in acked:
-                    acked.remove(self.floor)
-                    self.floor += 1
-                if not acked:
-                    self.acked = None
+            floor = seq + 1
+            if self.acked is None:
+                log = topic.log
+                head = topic.head
+                end = topic.next_seq
+                while floor < end and log[floor - head] is _GONE:
+                    floor += 1
+                self.floor = floor
+            else:
+                self.floor = floor
+                self._raise_floor()
             if len(topic.groups) > 1:
                 topic.forget(seq, self)  # trim drops it only once every floor has passed it
             topic.trim()
