@@ -448,3 +448,27 @@ async def test_a_message_one_group_settled_stays_for_a_group_that_has_not(autoju
         await bus.subscribe("orders", _parking_handler(b), group="b")
         await wait_until_handled(bus)
     assert [d for _, d, _ in b] == [b"h%d" % i for i in range(5)]
+
+
+async def test_messages_every_group_settled_hold_no_room_with_several_groups(
+    small_bounds: None, autojump_clock: object
+) -> None:
+    a: list[tuple[str, bytes, int]] = []
+    b: list[tuple[str, bytes, int]] = []
+    async with keyedbus.open_bus(retry=_PARKED_RETRY) as bus:
+        await bus.subscribe("orders", _parking_handler(a), group="a")
+        await bus.subscribe("orders", _parking_handler(b), group="b")
+        await bus.publish("orders", b"p1", key="poison")  # parked in both groups for 100 s
+        with trio.fail_after(60):  # waits for room unless what both groups settled is gone
+            for i in range(30):
+                await bus.publish("orders", b"h%d" % i, key=f"h{i}")
+            await trio.testing.wait_all_tasks_blocked()
+        late: list[tuple[str, bytes, int]] = []
+        await bus.subscribe("orders", _parking_handler(late), group="c")  # starts at p1, skips h0..h29
+        await bus.publish("orders", b"h30", key="h30")
+        await wait_until_handled(bus)
+        assert bus.statistics().evicted == 0
+    for seen in (a, b):
+        assert sorted(d for k, d, _ in seen if k != "poison") == sorted(b"h%d" % i for i in range(31))
+        assert [(d, n) for k, d, n in seen if k == "poison"] == [(b"p1", 1), (b"p1", 2), (b"p1", 3)]
+    assert sorted(d for _, d, _ in late) == [b"h30", b"p1", b"p1", b"p1"]
