@@ -314,6 +314,50 @@ async def test_the_first_reader_of_a_stored_backlog_holds_no_key_back(
     assert not read_back
 
 
+async def test_a_read_back_gets_every_stored_message_of_its_subject_in_the_range_in_order(
+    nats_server: NatsServer,
+) -> None:
+    # A partition's new reader reads back what the previous reader may still owe, to hold those keys; a
+    # message missing from the read-back would let a later message of its key run first. It streams them
+    # through a consumer of its own (a pull request per 256), which it deletes afterwards.
+    import nats
+
+    from keyedbus._backends._aio import aio, open_loop
+    from keyedbus._backends.jetstream import aio_read_subject
+
+    subjects = ["t.~0", "t.~1", "t.~2"]
+    stored: dict[str, list[tuple[int, bytes]]] = {subject: [] for subject in subjects}
+    with trio.fail_after(60):
+        async with open_loop():
+            nc = await aio(nats.connect)(nats_server.url)
+            js = nc.jetstream()
+            await aio(js.add_stream)(name="READBACK", subjects=subjects)
+
+            async def fill() -> None:
+                for i in range(900):
+                    subject = subjects[(i * 7 + i // 5) % 3]  # unevenly interleaved
+                    headers = {"X-Aggregate-ID": f"k{i % 13}"}
+                    ack = await js.publish(subject, b"%d" % i, headers=headers)
+                    stored[subject].append((ack.seq, b"%d" % i))
+
+            await aio(fill)()
+            assert len(stored["t.~1"]) > 256
+            for subject, first, last in [
+                ("t.~1", 1, 900),  # more than one pull request's worth
+                ("t.~1", 17, 612),
+                ("t.~2", 450, 450),
+                ("t.~0", 901, 1000),  # nothing stored there yet
+                ("t.~0", 899, 899),
+            ]:
+                got = await aio(aio_read_subject)(nc, js, "READBACK", subject, first, last)
+                want = [(seq, data) for seq, data in stored[subject] if first <= seq <= last]
+                assert [(seq, m.data) for seq, m in got] == want, (subject, first, last)
+                assert all(m.headers["X-Aggregate-ID"] == f"k{int(m.data) % 13}" for _, m in got)
+            info = await aio(js.stream_info)("READBACK")
+            assert info.state.consumer_count == 0  # each read-back's consumer is gone
+            await aio(nc.close)()
+
+
 async def test_a_foreign_publish_to_the_bare_subject_of_a_partitioned_topic_is_refused(
     nats_server: NatsServer,
 ) -> None:
