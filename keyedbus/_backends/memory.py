@@ -32,6 +32,7 @@ import contextvars
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from itertools import islice
 
 import attrs
 import trio
@@ -444,17 +445,16 @@ class _Group:
     def _raise_floor(self) -> None:
         """Move the floor past the sequences settled out of order right above it (acked, or gone)."""
         topic = self.topic
-        log = topic.log
-        head = topic.head
-        end = topic.next_seq
         acked = self.acked
         floor = self.floor
-        while floor < end:
-            if acked is not None and floor in acked:
-                acked.remove(floor)
-            elif not (floor >= head and log[floor - head] is _GONE):
-                break
-            floor += 1
+        start = floor - topic.head  # every floor is at or above the log's head (trim, skip_to)
+        if start >= 0:
+            for entry in islice(topic.log, start, None):
+                if acked is not None and floor in acked:
+                    acked.remove(floor)
+                elif entry is not _GONE:
+                    break
+                floor += 1
         self.floor = floor
         if acked is not None and not acked:
             self.acked = None
@@ -533,10 +533,14 @@ class _Group:
             floor = seq + 1
             if self.acked is None:
                 log = topic.log
-                head = topic.head
-                end = topic.next_seq
-                while floor < end and log[floor - head] is _GONE:
-                    floor += 1
+                i = floor - topic.head
+                if i < len(log) and log[i] is _GONE:
+                    # Markers above (a parked key just settled): one iterator walks them, where indexing
+                    # each would walk the deque's blocks again (quadratic behind a long-parked key).
+                    for entry in islice(log, i, None):
+                        if entry is not _GONE:
+                            break
+                        floor += 1
                 self.floor = floor
             else:
                 self.floor = floor
