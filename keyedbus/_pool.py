@@ -449,6 +449,9 @@ class KeyedWorkerPool:
         if delay is None:
             lane.items.popleft()
             self._held[lane.worker] -= 1
+            while lane.items and lane.items[0].delivery.withdrawn:  # the key's later ones go back with it
+                self._release(lane.items.popleft())
+                self._held[lane.worker] -= 1
             if self._waiting[lane.worker] == _LOT:
                 self._lots[lane.worker].unpark()  # below its bound again: it may receive
             if lane.items:
@@ -513,7 +516,7 @@ class KeyedWorkerPool:
         bus's own cancellation propagates, and KeyboardInterrupt / SystemExit, which hand the message back.
         """
         consumer: Consumer = item.consumer
-        if not consumer.active:
+        if not consumer.active or item.delivery.withdrawn:
             self._release(item)
             return None
         if item.dead_letter_reason is not None:

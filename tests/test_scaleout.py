@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -356,6 +357,61 @@ async def test_a_read_back_gets_every_stored_message_of_its_subject_in_the_range
             info = await aio(js.stream_info)("READBACK")
             assert info.state.consumer_count == 0  # each read-back's consumer is gone
             await aio(nc.close)()
+
+
+async def test_a_partition_given_up_goes_to_its_new_reader_with_what_was_queued_for_it(
+    nats_server: NatsServer,
+) -> None:
+    # Member a reads both partitions of a stored backlog alone and queues all of it in its pool (a few
+    # slow workers); b joins and is given partition 1. What a had queued of partition 1 and not started
+    # goes back to the server and b handles it, in key order; before, a ran it all itself while b waited
+    # for it (b's reads of partition 1 hold every key a still had).
+    total, keys = 600, [f"order-{i}" for i in range(60)]
+    seen: list[tuple[str, str, int]] = []  # (member, key, value) in the order handlers started
+    running: set[str] = set()
+    overlaps: list[str] = []
+    done = trio.Event()
+    b_joins = trio.Event()
+
+    def handler(name: str) -> Callable[[keyedbus.Message], Awaitable[None]]:
+        async def handle(msg: keyedbus.Message) -> None:
+            assert msg.key is not None
+            if msg.key in running:
+                overlaps.append(msg.key)
+            running.add(msg.key)
+            seen.append((name, msg.key, int(msg.data)))
+            if len(seen) == 20:
+                b_joins.set()
+            await trio.sleep(0.01)
+            running.discard(msg.key)
+            if len({(key, value) for _, key, value in seen}) == total:
+                done.set()
+
+        return handle
+
+    async def member(name: str, *, task_status: trio.TaskStatus[None]) -> None:
+        async with keyedbus.open_bus(nats_server.url, pool=keyedbus.PoolConfig(workers=2)) as bus:
+            await bus.configure_topic("orders", keyedbus.TopicConfig(partitions=2))
+            await bus.subscribe("orders", handler(name), group="billing")
+            task_status.started()
+            await done.wait()
+
+    with trio.fail_after(90):
+        async with keyedbus.open_bus(nats_server.url) as publisher:
+            await publisher.configure_topic("orders", keyedbus.TopicConfig(partitions=2))
+            for i in range(total):
+                await publisher.publish("orders", b"%d" % i, key=keys[i % len(keys)])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(member, "a")
+            await b_joins.wait()
+            await nursery.start(member, "b")
+    assert not overlaps, "two messages of one key ran at once"
+    for key in keys:
+        values = [value for _, k, value in seen if k == key]
+        first_runs = list(dict.fromkeys(values))
+        assert first_runs == sorted(first_runs), f"{key} ran out of order"
+    moved = [value for name, key, value in seen if name == "b" and _scaleout.partition_of(key, 2) == 1]
+    assert moved, "b handled nothing of the partition it was given: a ran all it had queued"
 
 
 async def test_a_foreign_publish_to_the_bare_subject_of_a_partitioned_topic_is_refused(

@@ -30,6 +30,12 @@ class Delivery(Protocol):
     def release(self) -> None:
         """Leave unsettled: the broker delivers it again later, to this group's next subscriber."""
 
+    @property
+    def withdrawn(self) -> bool:
+        """True once the backend took it back while it waited (its partition went to another process):
+        the pool must release it without running it."""
+        ...
+
 
 @attrs.define(eq=False)
 class Outgoing:
@@ -58,6 +64,8 @@ class AtMostOnceDelivery:
 
     def release(self) -> None:
         """At-most-once: nothing to settle."""
+
+    withdrawn = False  # nothing takes an ephemeral delivery back
 
 
 class Inbox(Protocol):

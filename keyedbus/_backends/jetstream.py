@@ -98,6 +98,9 @@ class JetStreamDelivery:
     seq: int
     message: Message
     settled: bool = False
+    #: Its partition went to another process while it waited here: the pool releases it unrun, and the
+    #: release hands it back at once (see `PullSubscription._let_go`).
+    withdrawn: bool = False
 
     def ack(self) -> None:
         self.sub.settle(self, "ack")
@@ -106,9 +109,11 @@ class JetStreamDelivery:
         self.sub.settle(self, "term")
 
     def release(self) -> None:
-        # Stays outstanding: detach (or close) naks every unsettled message together, oldest first, once
-        # nothing can fetch it back into this subscription.
-        pass
+        if self.withdrawn:
+            # The partition's new reader holds this key until it gets this message: send it there now.
+            self.sub.settle(self, "nak")
+        # Otherwise it stays outstanding: detach (or close) naks every unsettled message together, oldest
+        # first, once nothing can fetch it back into this subscription.
 
 
 class PullSubscription:
@@ -239,7 +244,8 @@ class PullSubscription:
         info = await aio(self.puller.info)()
         # Only what this process already accepted is its own. The batch in hand counts as owed: it may hold
         # redeliveries out of stream order, and taking them in as owed arrivals puts them back in order.
-        mine = set(self.outstanding)
+        # Withdrawn messages are not ours any more: the pool hands them back, so they come again or settle.
+        mine = {seq for seq, delivery in self.outstanding.items() if not delivery.withdrawn}
         floor, delivered = info["ack_floor"]["stream_seq"], info["delivered"]["stream_seq"]
         in_hand = {_natspy.delivery_info(m)[0]: m for m in batch}
         first_deliveries = all(_natspy.delivery_info(m)[1] == 1 for m in batch)
@@ -558,6 +564,19 @@ class PullSubscription:
         for delivery in fetched:
             delivery.settled = True
             del self.outstanding[delivery.seq]
+        # What the pool queued and has not started goes back too, as the pool reaches it (one running now
+        # finishes here): the partition's next reader holds those keys until it has them, so leaving them
+        # to this process's queue (up to the partition's window) would idle it for as long. Only with a pin:
+        # whoever reads next (this process too) then learns their keys as owed (`_learn_pinned`).
+        if self.puller.pinned and self.outstanding:
+            for delivery in self.outstanding.values():
+                delivery.withdrawn = True
+            logger.debug(
+                "%s: handing back the %d message(s) of this partition queued here as the pool reaches them",
+                self.durable,
+                len(self.outstanding),
+                extra={"topic": self.topic},
+            )
         self.held.clear()
         self.owed.clear()
         self.owed_by_key.clear()

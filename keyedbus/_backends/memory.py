@@ -106,6 +106,8 @@ class _Delivery:
     def release(self) -> None:
         """Nothing to do: an unsettled message stays outstanding and is redelivered after detach."""
 
+    withdrawn = False  # memory:// has no partitions to move
+
 
 #: What stands in the log for a message every group has settled while an older one is not (interest
 #: retention): its body and everything it pinned are freed; only the slot keeps the log indexed by sequence.
