@@ -1,13 +1,13 @@
 """The embedded broker behind ``memory://``: JetStream-like logs, cursors, acks and redelivery, in process.
 
-Persistent topics keep a bounded log; each (topic, group) has its own cursor, acks and redelivery list, and
-a message leaves the log once every group has settled it (acked or terminated), even while an older message
-is not: JetStream's interest retention. A message settled above a group's ack floor (behind a parked key,
-say) leaves a shared `_GONE` marker in its slot, so the log stays indexed by sequence: a parked key pins
-sequence numbers (a slot and an entry in the group's set of acks above its floor), not messages. A group
-that subscribes later starts at the oldest message kept, so it gets every message some group has not
-settled yet and none that every group had settled before it came (a topic no group has subscribed to keeps
-everything up to its bound, so its first group gets all of that). Ephemeral topics fan out to each
+Persistent topics keep a bounded log; each (topic, group) has its own cursor, acks and redelivery list, and a
+message leaves the log once every group has settled it (acked or terminated), even while an older message is
+not: JetStream's interest retention. A message settled above a group's ack floor (behind a parked key, say)
+leaves a shared `_GONE` marker in its slot, so the log stays indexed by sequence: a parked key pins sequence
+numbers (an 8-byte slot; with several groups also an entry in a group's set of acks above its floor), not
+messages. A group that subscribes later starts at the oldest message kept, so it gets every message some group
+has not settled yet and none that every group had settled before it came (a topic no group has subscribed to
+keeps everything up to its bound, so its first group gets all of that). Ephemeral topics fan out to each
 subscriber's bounded buffer with no log (at-most-once): a full buffer drops the message and counts it.
 
 Limits and retention (docs/semantics.md): limits the user set (max_msgs, max_bytes, max_age) evict the
