@@ -473,3 +473,29 @@ async def test_messages_every_group_settled_hold_no_room_with_several_groups(
         assert sorted(d for k, d, _ in seen if k != "poison") == sorted(b"h%d" % i for i in range(31))
         assert [(d, n) for k, d, n in seen if k == "poison"] == [(b"p1", 1), (b"p1", 2), (b"p1", 3)]
     assert sorted(d for _, d, _ in late) == [b"h30", b"p1", b"p1", b"p1"]
+
+
+async def test_max_age_evicts_a_parked_message_and_the_settled_ones_behind_it(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[tuple[str, bytes, int]] = []
+    late: list[tuple[str, bytes, int]] = []
+    async with keyedbus.open_bus(retry=_PARKED_RETRY) as bus:
+        await bus.configure_topic("orders", keyedbus.TopicConfig(max_age=50))
+        await bus.subscribe("orders", _parking_handler(seen))
+        await bus.publish("orders", b"p1", key="poison")
+        for i in range(5):
+            await bus.publish("orders", b"h%d" % i, key=f"h{i}")
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(60)  # p1 is older than max_age; its retry is due at 100 s
+        await bus.publish("orders", b"h5", key="h5")  # evicts p1 and drops what was settled behind it
+        await trio.testing.wait_all_tasks_blocked()
+        await bus.subscribe("orders", _parking_handler(late), group="late")
+        await bus.publish("orders", b"h6", key="h6")
+        await wait_until_handled(bus)
+        # p1 was in the pool when it was evicted: it is still handled there, so it is not counted as lost.
+        assert bus.statistics().evicted == 0
+    assert [(d, a) for k, d, a in seen if k == "poison"] == [(b"p1", 1), (b"p1", 2), (b"p1", 3)]
+    assert sorted(d for k, d, _ in seen if k != "poison") == [b"h%d" % i for i in range(7)]
+    assert late == [("h6", b"h6", 1)]  # the log held nothing else when it subscribed
+    assert _evictions(caplog, "orders") == 0
