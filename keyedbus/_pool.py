@@ -9,9 +9,25 @@ The shape the design card draws, all under the bus's one nursery:
 - **Workers own per-key lanes.** A worker receives from its channel and appends each message to the lane
   of its (subscription, key): the key's messages in order, at most one of them running. A worker holds at
   most `queue_size` messages in its lanes (ready, running, or parked behind a failure); at that bound it
-  stops receiving, so its channel fills and the subscription tasks' `wait_timeout` applies. A parked key's
-  backlog therefore counts against the bound: nothing a slow or failing key collects grows without limit
-  (at most ``2 * queue_size`` messages per worker: its channel plus its lanes).
+  stops receiving, so its channel fills and the subscription tasks' `wait_timeout` applies. Nothing a slow
+  or failing key collects grows without limit (at most ``2 * queue_size + queue_size // 2`` messages per
+  worker: its channel, its lanes, and the deferred messages kept early, below).
+- **A parked key's backlog has a bound of its own.** Messages in a worker's parked lanes (keys waiting for
+  a retry) are at most ``queue_size // 2`` (each parked key keeps at least its head). Beyond, a parked key's
+  later messages are *spilled*, never its neighbours': on an ephemeral topic dropped (counted in
+  `dropped`; the first of a parking logged at once, the rest when its retry comes); on a persistent topic
+  handed back to the broker with `Delivery.defer`, due no sooner than the key's retry (a JetStream nak
+  with a delay; memory:// redelivers it from its log), not counted as an attempt. A key with deferred
+  messages then hands back every later message too and takes the deferred ones back oldest first, so its
+  order holds (guarantee 1). Deferred messages may come back out of order (JetStream redelivers a round of
+  delayed naks in no particular order; one deferred again behind a later retry comes back after younger
+  ones): those back early are *kept* until the older ones arrive, within the same ``queue_size // 2``
+  as the parked messages, but outside the worker's `queue_size` bound. Inside it they could fill the bound,
+  and the worker would stop receiving the very message they wait for from its channel: every key of the
+  topic stalled behind that channel until the grace below ran out, and then ran out of order. A deferred
+  message that does not come back within `DEFER_GRACE` seconds of its due time (the broker lost it: a limit
+  evicted it, its stream was deleted) is logged and the key goes on without it. So a poison key flooded
+  with messages never fills its worker's bound, and the other keys keep flowing (guarantee 3).
 - **Workers run ready lanes, and help each other.** A worker runs the head message of a ready lane itself
   (the handler inside a cancel scope of `handler_timeout`) and settles it (ack, retry, dead-letter), so
   in the common case a message costs one task switch, as in a plain channel-per-worker pool. While a
@@ -28,6 +44,7 @@ messages get a lane of their own each, so they run concurrently with the same re
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import heapq
@@ -44,7 +61,7 @@ from ._errors import HandlerTimeoutError
 from ._messages import AggregateMessage
 from ._statistics import Counters
 
-__all__ = ["Consumer", "KeyedWorkerPool", "describe", "fnv1a_32"]
+__all__ = ["DEFER_GRACE", "Consumer", "KeyedWorkerPool", "describe", "fnv1a_32"]
 
 logger = logging.getLogger("keyedbus")
 
@@ -103,6 +120,13 @@ class Consumer(Protocol):
         """`item` was handed back unhandled (its subscription is gone): count it if it cannot come back."""
 
 
+#: Shared by every lane that never deferred anything (never mutated: `_spill` gives a lane its own dicts
+#: first): two dicts per lane would cost every message that starts a lane (pool_memory: ~2,700
+#: instructions a message under callgrind).
+_NONE_DUE: dict[int, float] = {}
+_NONE_EARLY: dict[int, AggregateMessage] = {}
+
+
 @attrs.define(eq=False, slots=True)
 class _Lane:
     """The messages of one (subscription, key), in order; at most one of them runs at a time."""
@@ -113,12 +137,33 @@ class _Lane:
     #: The worker that received its messages and counts them against its bound.
     worker: int
     items: deque[AggregateMessage] = attrs.Factory(deque)
-    #: "ready" (waiting for an executor), "running", or "parked" (waiting for its retry)
+    #: "ready" (waiting for an executor), "running", "parked" (waiting for its retry), or "waiting" (empty,
+    #: kept for the deferred messages it waits for)
     state: str = "ready"
     due: float = 0.0
     #: The worker running its head message, while "running".
     runner: int = -1
+    #: Sequences of its messages handed back to the broker (deferred), ascending; they must come back, in
+    #: this order, before any later message of the key is held. None while there are none.
+    deferred: list[int] | None = None
+    #: When each deferred sequence is due back.
+    deferred_due: dict[int, float] = attrs.field(default=_NONE_DUE)
+    #: Deferred messages that came back before an older deferred one (JetStream redelivers a round of
+    #: delayed naks in no particular order), by sequence: kept here, counted in the pool's `_kept`, not
+    #: against the worker's bound.
+    early: dict[int, AggregateMessage] = attrs.field(default=_NONE_EARLY)
+    #: Its ephemeral messages dropped since the last log line (coalesced: the first of a parking is logged
+    #: at once, the rest when its retry comes).
+    dropped: int = 0
+    drop_logged: bool = False
 
+
+#: Seconds a deferred message of a parked key is handed back for at least (the broker's redelivery timer).
+_MIN_DEFER = 0.5
+#: Seconds past its due time a deferred message may take to come back before its key stops waiting for it
+#: (the broker lost it: evicted by a limit, or its stream deleted) and goes on with the next one. Longer than
+#: JetStream's default ack_wait (30 s): a nak lost in a reconnect brings the message back after ack_wait.
+DEFER_GRACE = 120.0
 
 _CHANNEL = "channel"  # a worker waiting in receive() on its own channel
 _LOT = "lot"  # a worker waiting on its parking lot: at its bound, or its channel closed
@@ -146,6 +191,14 @@ class KeyedWorkerPool:
         self._queued = [0] * workers
         #: Per worker: messages received into its lanes and not yet settled (ready, running, parked).
         self._held = [0] * workers
+        #: Per worker: messages in its parked lanes; with `_kept`, at most `_parked_max` unless each is a
+        #: lane's head.
+        self._parked = [0] * workers
+        #: Per worker: deferred messages back early, kept by their lanes (`_Lane.early`) until an older one
+        #: of their key is back. Not in `_held`: they must never stop the worker receiving, since the older
+        #: message they wait for comes through its channel.
+        self._kept = [0] * workers
+        self._parked_max = max(1, config.queue_size // 2)
         #: Per worker: where it waits (_CHANNEL, _LOT), or None while it works.
         self._waiting: list[str | None] = [None] * workers
         self._lots = [trio.lowlevel.ParkingLot() for _ in range(workers)]
@@ -204,8 +257,17 @@ class KeyedWorkerPool:
         Their retry timers are not waited for: a gone subscription's messages go back to the broker.
         """
         for lane in list(self._lanes.values()):
-            if lane.state == "parked" and not lane.consumer.active:
+            if lane.consumer.active:
+                continue
+            if lane.state == "parked":
                 self._resume(lane)
+            if lane.early:
+                for item in lane.early.values():
+                    self._kept[lane.worker] -= 1
+                    self._release(item)  # back to the broker with the deferred ones, for the next subscriber
+                lane.early.clear()
+            if lane.state == "waiting" and lane.key is not None:
+                del self._lanes[(lane.consumer, lane.key)]
 
     @property
     def unfinished(self) -> int:
@@ -224,7 +286,7 @@ class KeyedWorkerPool:
 
     def queued(self) -> int:
         """Messages waiting: in the worker queues, or in lanes and not running."""
-        return sum(self.queue_depths()) + sum(self._held) - self._running
+        return sum(self.queue_depths()) + sum(self._held) + sum(self._kept) - self._running
 
     def lanes(self) -> int:
         """Per-key lanes alive now."""
@@ -350,7 +412,6 @@ class KeyedWorkerPool:
                 self._admit(index, item)
 
     def _admit(self, index: int, item: AggregateMessage) -> None:
-        self._held[index] += 1
         key = item.key
         if key is None:
             lane = _Lane(item.consumer, None, index)
@@ -358,11 +419,146 @@ class KeyedWorkerPool:
             lane_key = (item.consumer, key)
             existing = self._lanes.get(lane_key)
             if existing is not None:
-                existing.items.append(item)  # ready, running or parked: its turn comes
+                if existing.deferred and item.consumer.active:
+                    self._admit_deferred(existing, item)
+                elif self._parked_full(existing) and item.consumer.active:
+                    self._spill(existing, item)
+                else:
+                    self._hold(existing, item)
                 return
             lane = self._lanes[lane_key] = _Lane(item.consumer, key, index)
+        self._held[index] += 1
         lane.items.append(item)
         self._ready.append(lane)
+
+    def _hold(self, lane: _Lane, item: AggregateMessage) -> None:
+        """Append `item` to its lane, counted against its worker's bound."""
+        self._held[lane.worker] += 1
+        lane.items.append(item)  # ready, running or parked: its turn comes
+        if lane.state == "parked":
+            self._parked[lane.worker] += 1
+        elif lane.state == "waiting":
+            lane.state = "ready"
+            self._ready.append(lane)
+
+    # -- a parked key's backlog beyond the bound --------------------------------------------------------
+    #
+    # A parked key holds its later messages only while its worker's parked lanes hold fewer than
+    # `queue_size // 2` messages; beyond, they are spilled: handed back to the broker to come again after
+    # the key's retry (persistent: `Delivery.defer`), or dropped and counted (ephemeral), never its
+    # neighbours'. A key with deferred messages takes them back oldest first and hands every later message
+    # back too, so the key's order holds through the broker's redelivery.
+
+    def _admit_deferred(self, lane: _Lane, item: AggregateMessage) -> None:
+        """`item` arrives for a key with messages deferred: take it in its turn, keep it, or spill it."""
+        deferred = lane.deferred
+        assert deferred is not None
+        seq = item.delivery.sequence
+        now = trio.current_time()
+        while (
+            deferred
+            and deferred[0] != seq
+            and deferred[0] not in lane.early
+            and now >= lane.deferred_due[deferred[0]] + DEFER_GRACE
+        ):
+            self._give_up(lane, deferred.pop(0))
+        self._take_early(lane)
+        if not lane.deferred:  # it gave up on the rest: the key is back to normal
+            if self._parked_full(lane):
+                self._spill(lane, item)
+            else:
+                self._hold(lane, item)
+            return
+        if deferred[0] == seq and not self._parked_full(lane):
+            deferred.pop(0)
+            del lane.deferred_due[seq]
+            self._hold(lane, item)
+        elif (
+            seq in lane.deferred_due
+            and lane.state != "parked"
+            and seq not in lane.early
+            and self._parked[lane.worker] + self._kept[lane.worker] < self._parked_max
+        ):
+            # Back before an older deferred one: keep it until that one is back (bounded with the parked
+            # messages; not against the worker's bound, see `_kept`).
+            self._kept[lane.worker] += 1
+            lane.early[seq] = item
+            if len(lane.early) == 1:  # if the older one never comes, the timer gives up on it
+                self._add_timer(lane.deferred_due[deferred[0]] + DEFER_GRACE, lane)
+        else:
+            self._spill(lane, item)
+        self._take_early(lane)
+
+    def _take_early(self, lane: _Lane) -> None:
+        """Move the deferred messages kept in `lane.early` into the lane while they are next in order."""
+        deferred = lane.deferred
+        while deferred and deferred[0] in lane.early:
+            seq = deferred.pop(0)
+            del lane.deferred_due[seq]
+            self._kept[lane.worker] -= 1
+            self._hold(lane, lane.early.pop(seq))
+        if not deferred:
+            lane.deferred = None
+            for seq in sorted(lane.early or ()):  # cannot happen (each kept one is deferred): never strand
+                self._kept[lane.worker] -= 1
+                self._hold(lane, lane.early.pop(seq))
+
+    def _give_up(self, lane: _Lane, lost: int) -> None:
+        del lane.deferred_due[lost]
+        logger.warning(
+            "%s: a deferred message of key %s (sequence %d) did not come back within %s s of its due time "
+            "(evicted by a limit, or its stream deleted?); the key goes on without it",
+            lane.consumer.topic,
+            lane.key,
+            lost,
+            DEFER_GRACE,
+            extra={"topic": lane.consumer.topic, "key": lane.key},
+        )
+
+    def _parked_full(self, lane: _Lane) -> bool:
+        worker = lane.worker
+        return lane.state == "parked" and self._parked[worker] + self._kept[worker] >= self._parked_max
+
+    def _spill(self, lane: _Lane, item: AggregateMessage) -> None:
+        """Hand `item` back to the broker, due after the key's retry (persistent), or drop it (ephemeral)."""
+        now = trio.current_time()
+        if lane.state == "parked":
+            delay = lane.due - now
+        elif lane.deferred:
+            delay = lane.deferred_due[lane.deferred[0]] - now  # behind the oldest deferred one
+        else:
+            delay = 0.0
+        delay = max(delay, _MIN_DEFER)
+        if item.delivery.defer(delay):
+            seq = item.delivery.sequence
+            if lane.deferred is None:
+                lane.deferred = []
+                if lane.deferred_due is _NONE_DUE:
+                    lane.deferred_due, lane.early = {}, {}
+            if seq not in lane.deferred_due:
+                bisect.insort(lane.deferred, seq)
+            lane.deferred_due[seq] = now + delay
+        else:
+            self.counters.dropped += 1
+            lane.dropped += 1
+            if not lane.drop_logged:
+                lane.drop_logged = True
+                self._log_dropped(lane)
+        self._settled()
+
+    def _log_dropped(self, lane: _Lane) -> None:
+        if not lane.dropped:
+            return
+        logger.warning(
+            "dropped %d message(s) of ephemeral topic %s: key %s is parked (failing) and its worker holds "
+            "%d message(s) of parked keys at most (PoolConfig.queue_size // 2)",
+            lane.dropped,
+            lane.consumer.topic,
+            lane.key,
+            self._parked_max,
+            extra={"topic": lane.consumer.topic, "key": lane.key, "count": lane.dropped},
+        )
+        lane.dropped = 0
 
     async def _worker(self, index: int) -> None:
         """Take worker `index`'s messages into lanes, run ready lanes (any worker's), help busy workers."""
@@ -457,16 +653,48 @@ class KeyedWorkerPool:
             if lane.items:
                 lane.state = "ready"
                 self._ready.append(lane)  # behind the other ready keys: round robin
+            elif lane.deferred and lane.consumer.active:
+                lane.state = "waiting"  # kept: its deferred messages must come back first
             elif lane.key is not None:
+                if lane.dropped:
+                    self._log_dropped(lane)
                 del self._lanes[(lane.consumer, lane.key)]
             return
-        # Park the key with its later messages; they still count against their worker's bound.
+        # Park the key with its later messages; they still count against their worker's bound. Beyond
+        # the parked bound they are spilled, newest first, the head always kept.
         lane.state = "parked"
         lane.due = trio.current_time() + delay
+        worker = lane.worker
+        room = max(1, self._parked_max - self._parked[worker] - self._kept[worker])
+        if len(lane.items) > room and lane.consumer.active:
+            tail = [lane.items.pop() for _ in range(len(lane.items) - room)]
+            self._held[worker] -= len(tail)
+            for item in reversed(tail):  # oldest first: the broker gives them back in this order
+                self._spill(lane, item)
+            if self._waiting[worker] == _LOT:
+                self._lots[worker].unpark()  # below its bound again: it may receive
+        self._parked[worker] += len(lane.items)
         self.counters.parked_keys += 1
-        heapq.heappush(self._timers, (lane.due, next(self._tick), lane))
+        self._add_timer(lane.due, lane)
+
+    def _add_timer(self, due: float, lane: _Lane) -> None:
+        heapq.heappush(self._timers, (due, next(self._tick), lane))
         if self._timer_changed:
             self._timer_changed.unpark_all()
+
+    def _overdue(self, lane: _Lane) -> None:
+        """Give up on deferred messages of `lane` that are overdue, then take the kept ones that follow."""
+        deferred = lane.deferred
+        now = trio.current_time()
+        while (
+            deferred and deferred[0] not in lane.early and now >= lane.deferred_due[deferred[0]] + DEFER_GRACE
+        ):
+            self._give_up(lane, deferred.pop(0))
+        self._take_early(lane)
+        if lane.early and lane.deferred:
+            self._add_timer(lane.deferred_due[lane.deferred[0]] + DEFER_GRACE, lane)
+        if lane.state == "ready":
+            self._wake_one()
 
     def _settled(self) -> None:
         self._items -= 1
@@ -485,6 +713,9 @@ class KeyedWorkerPool:
         """A parked lane's retry is due (or its subscription is gone): ready again, head first."""
         lane.state = "ready"
         self.counters.parked_keys -= 1
+        self._parked[lane.worker] -= len(lane.items)
+        self._log_dropped(lane)
+        lane.drop_logged = False
         self._ready.appendleft(lane)  # its retry was due already: before keys that just arrived
         self._wake_one()
 
@@ -505,6 +736,8 @@ class KeyedWorkerPool:
                     due, _, lane = heapq.heappop(timers)
                     if lane.state == "parked" and lane.due == due:  # else: handed back early
                         self._resume(lane)
+                    elif lane.early and lane.state != "parked":
+                        self._overdue(lane)
         finally:
             self._task_exited()
 

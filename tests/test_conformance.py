@@ -540,3 +540,121 @@ async def test_an_exception_raised_in_the_block_leaves_as_raised(backend: Backen
             except BaseException as exc:
                 left = exc
         assert left is raised
+
+
+@pytest.mark.parametrize("persistence", ["persistent", "ephemeral"])
+async def test_a_poison_key_flooded_past_the_bound_does_not_stall_other_keys(
+    backend: Backend, clock: object, persistence: str
+) -> None:
+    # A key failing every attempt that keeps receiving messages (a poison aggregate): its backlog must not
+    # fill its worker's bound, or other keys' messages would be dropped (ephemeral) or the subscription task
+    # would wait on that worker's channel and stall every key of the topic (persistent). Guarantee 3.
+    if backend.name != "memory" and (persistence == "persistent") != backend.default_topic.persistent:
+        pytest.skip(f"{backend.name} topics are {backend.default_topic.persistence} here")
+    queue_size = 8
+    flood = 3 * queue_size
+    backoff = 5.0 if backend.virtual_time else 8.0
+    retry = keyedbus.RetryPolicy(max_attempts=1000, initial_backoff=backoff, max_backoff=backoff, jitter=0)
+    pool = keyedbus.PoolConfig(workers=2, queue_size=queue_size, wait_timeout=0.5)
+    poison_worker = fnv1a_32("poison") % 2
+    neighbours = [k for k in (f"k{i}" for i in range(100)) if fnv1a_32(k) % 2 == poison_worker][:5]
+    elsewhere = [k for k in (f"k{i}" for i in range(100)) if fnv1a_32(k) % 2 != poison_worker][:5]
+    healthy = [(key, n) for n in range(2) for key in neighbours + elsewhere]
+    healed = False
+    poison_handled: list[int] = []
+    poison_attempts: list[int] = []
+    healthy_handled: list[tuple[str, int]] = []
+    all_healthy = trio.Event()
+    first_failure = trio.Event()
+
+    async def handler(msg: keyedbus.Message) -> None:
+        assert msg.key is not None
+        if msg.key == "poison":
+            if not healed:
+                first_failure.set()
+                raise RuntimeError("poison")
+            poison_handled.append(int(msg.data))
+            poison_attempts.append(msg.attempt)
+            return
+        healthy_handled.append((msg.key, int(msg.data)))
+        if len(healthy_handled) == len(healthy):
+            all_healthy.set()
+
+    with trio.fail_after(120):
+        async with backend.open(pool=pool, retry=retry, drain_timeout=100) as bus:
+            await bus.configure_topic("orders", keyedbus.TopicConfig(persistence=persistence))  # type: ignore[arg-type]
+            await bus.subscribe("orders", handler)
+            await bus.publish("orders", b"0", key="poison")
+            await first_failure.wait()
+            start = trio.current_time()  # the poison key is parked until start + backoff (at most)
+            for i in range(1, flood + 1):
+                await bus.publish("orders", str(i).encode(), key="poison")
+                await trio.sleep(0.001)  # a steady flow: no subscriber buffer overflows
+            for key, n in healthy:
+                await bus.publish("orders", str(n).encode(), key=key)
+            await all_healthy.wait()
+            # Every other key, on the poison key's worker or not, ran before its first retry was due.
+            assert trio.current_time() - start < backoff
+            assert bus.statistics().parked_keys == 1
+            healed = True
+            await wait_until_handled(bus)
+    assert sorted(healthy_handled) == sorted(healthy)
+    stats = bus.statistics()
+    assert poison_handled == sorted(poison_handled)  # in order, whatever was dropped or handed back
+    if persistence == "persistent":
+        assert poison_handled == list(range(flood + 1))  # nothing lost, nothing twice
+        # Only the first was ever tried before: handing the others back to the broker was not an attempt.
+        assert poison_attempts[0] > 1
+        assert set(poison_attempts[1:]) == {1}
+        assert stats.dropped == 0
+    else:
+        # Only the poison key's own messages were dropped, each counted.
+        assert len(poison_handled) + stats.dropped == flood + 1
+        assert stats.dropped > 0
+
+
+@pytest.mark.not_on("nats-core", reason="core NATS is at-most-once: a parked key's backlog is dropped")
+async def test_a_key_with_messages_deferred_to_the_broker_keeps_its_order_when_its_subscription_is_replaced(
+    backend: Backend, clock: object
+) -> None:
+    # A parked key's backlog beyond its bound is handed back to the broker, due after the key's retry. If
+    # the subscription is replaced meanwhile, the next one knows nothing of those deferred messages: the
+    # broker must give them back to it before any later message of the key runs (memory://: the hand-back
+    # redelivers them at once, in log order; JetStream: they are unsettled, so the new subscription holds
+    # the key as owed until their delayed redelivery arrives).
+    backoff = 5.0 if backend.virtual_time else 2.0
+    retry = keyedbus.RetryPolicy(max_attempts=100, initial_backoff=backoff, max_backoff=backoff, jitter=0)
+    pool = keyedbus.PoolConfig(workers=1, queue_size=4)  # a parked key keeps 2: the rest is deferred
+    checker = OrderChecker()
+    healed = False
+    first_failure = trio.Event()
+
+    async def handler(msg: keyedbus.Message) -> None:
+        seq = int(msg.data)
+        checker.start("poison", seq)
+        ok = False
+        try:
+            if not healed:
+                first_failure.set()
+                raise RuntimeError("poison")
+            ok = True
+        finally:
+            checker.end("poison", seq, ok)
+
+    with trio.fail_after(60):
+        async with backend.open(pool=pool, retry=retry, drain_timeout=30) as bus:
+            sub = await bus.subscribe("orders", handler, group="g")
+            await bus.publish("orders", b"0", key="poison")
+            await first_failure.wait()
+            for i in range(1, 10):
+                await bus.publish("orders", str(i).encode(), key="poison")
+            # 2 kept, 7 deferred (statistics are counters: nothing to wait on)
+            while (stats := bus.statistics()).queued != 2 or stats.lag:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            await sub.unsubscribe()
+            healed = True
+            await bus.subscribe("orders", handler, group="g")
+            await bus.publish("orders", b"10", key="poison")
+            await wait_until_handled(bus)
+    assert checker.violations == []
+    assert checker.done["poison"] == list(range(11))

@@ -81,7 +81,7 @@ def test_a_header_name_nats_py_refuses_is_refused_the_same_way() -> None:
         _nats_py_command("orders", b"x", {"Bad Name": "v"})
 
 
-@pytest.mark.parametrize("how", ["ack", "nak", "term", "in_progress"])
+@pytest.mark.parametrize("how", ["ack", "nak", "term", "in_progress", "nak:2.5"])
 def test_settles_written_directly_are_what_nats_py_msg_methods_send(how: str) -> None:
     import nats.aio.client
     import nats.errors
@@ -93,7 +93,8 @@ def test_settles_written_directly_are_what_nats_py_msg_methods_send(how: str) ->
     nc = nats.aio.client.Client()
     nc._max_pending_size = 1 << 20  # as connect() sets it: a publish before connecting is buffered
     theirs = Msg(nc, subject="orders", reply=reply, data=b"x", headers=None)
-    step = getattr(theirs, how)()
+    # "nak:<seconds>" is a nak with a redelivery delay (a parked key's deferred backlog)
+    step = theirs.nak(delay=float(how[4:])) if how.startswith("nak:") else getattr(theirs, how)()
     with pytest.raises(StopIteration):  # nothing in it waits: it only appends to the outgoing buffer
         step.send(None)
     ours = Msg(nc, subject="orders", reply=reply, data=b"x", headers=None)

@@ -36,6 +36,19 @@ class Delivery(Protocol):
         the pool must release it without running it."""
         ...
 
+    @property
+    def sequence(self) -> int:
+        """The broker's sequence of this message (stream order); 0 where there is none (ephemeral)."""
+        ...
+
+    def defer(self, delay: float) -> bool:
+        """Hand it back now, to be delivered again no sooner than `delay` seconds from now.
+
+        The pool uses it for a parked key's backlog beyond its bound. The redelivery's `attempt` does not
+        count the deferral. False if the broker cannot take it back (ephemeral: the message is gone).
+        """
+        ...
+
 
 @attrs.define(eq=False)
 class Outgoing:
@@ -66,6 +79,15 @@ class AtMostOnceDelivery:
         """At-most-once: nothing to settle."""
 
     withdrawn = False  # nothing takes an ephemeral delivery back
+
+    @property
+    def sequence(self) -> int:
+        """At-most-once: no sequence."""
+        return 0
+
+    def defer(self, delay: float) -> bool:
+        """At-most-once: the broker cannot take it back."""
+        return False
 
 
 class Inbox(Protocol):

@@ -234,7 +234,10 @@ class NatsConnection:
         return bool(self._settle_queue)
 
     def queue_settles(self, settles: Iterable[tuple[Any, str]]) -> None:
-        """Queue acks, terms and naks; the settle pump sends them in order, written into nats-py's buffer."""
+        """Queue acks, terms and naks; the settle pump sends them in order, written into nats-py's buffer.
+
+        Each is (message, how): "ack", "term", "nak", or "nak:<seconds>" for a nak with a redelivery delay.
+        """
         self._settle_queue.extend(settles)
         self._settle_wakeup.set()
 
@@ -283,7 +286,10 @@ class NatsConnection:
         """Send settles in order (asyncio side); failures are logged: a lost ack means a redelivery."""
         for raw, how in batch:
             try:
-                await getattr(raw, how)()
+                if how.startswith("nak:"):  # a nak with a delay in seconds (a parked key's deferral)
+                    await raw.nak(delay=float(how[4:]))
+                else:
+                    await getattr(raw, how)()
             except Exception as exc:  # a lost ack means a redelivery (attempt > 1), never a loss
                 logger.warning("could not %s a message of %s: %s", how, raw.subject, exc)
         if flush:

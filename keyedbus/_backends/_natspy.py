@@ -245,7 +245,8 @@ _SETTLE_PAYLOADS = {"ack": b"", "nak": b"-NAK", "term": b"+TERM", "in_progress":
 
 
 def settle_command(msg: Any, how: str) -> bytes:
-    """The PUB command nats-py's `msg.<how>()` sends ("ack", "nak", "term" or "in_progress"), byte for byte.
+    """The PUB command nats-py's `msg.<how>()` sends ("ack", "nak", "term" or "in_progress"), byte for byte;
+    "nak:<seconds>" is `msg.nak(delay=seconds)`.
 
     Raises what that method raises before sending (NotJSMessageError without a reply subject,
     MsgAlreadyAckdError for a message already acked, nak'd or terminated). Once `buffer_command` took the
@@ -256,7 +257,11 @@ def settle_command(msg: Any, how: str) -> bytes:
             raise nats.errors.NotJSMessageError
     else:
         msg._check_reply()
-    command, _ = publish_command(msg.reply, _SETTLE_PAYLOADS[how], {})
+    if how.startswith("nak:"):  # as nats-py's nak(delay=...) writes it
+        payload = b"-NAK " + json.dumps({"delay": int(float(how[4:]) * 10**9)}).encode()
+    else:
+        payload = _SETTLE_PAYLOADS[how]
+    command, _ = publish_command(msg.reply, payload, {})
     return command
 
 

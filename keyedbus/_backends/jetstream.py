@@ -115,6 +115,14 @@ class JetStreamDelivery:
         # Otherwise it stays outstanding: detach (or close) naks every unsettled message together, oldest
         # first, once nothing can fetch it back into this subscription.
 
+    @property
+    def sequence(self) -> int:
+        return self.seq
+
+    def defer(self, delay: float) -> bool:
+        self.sub.defer(self, delay)
+        return True
+
 
 class PullSubscription:
     """A durable pull consumer feeding one Inbox, holding keys still owed by an earlier consumer."""
@@ -171,6 +179,8 @@ class PullSubscription:
         self.owed_by_key: dict[str, deque[int]] = {}
         #: Messages waiting for an owed message of their key with a lower sequence, per key.
         self.held: dict[str, list[JetStreamDelivery]] = {}
+        #: Naks with a delay the pool asked for (a parked key's backlog), per sequence: not attempts.
+        self.deferrals: dict[int, int] = {}
         self.last_seen = 0
         #: The consumer sequence of the newest delivery this process saw (None: not known, e.g. right after
         #: it was given the pin); a gap after it is a delivery lost on its way (see `_missed`).
@@ -582,6 +592,7 @@ class PullSubscription:
         self.owed_by_key.clear()
         self.last_delivery = None
         self._stored_in_gap.clear()
+        self.deferrals.clear()  # whoever reads next counts their redeliveries as attempts (conservative)
         self.released_pin, self.puller.pin = self.puller.pin, None
         naks = [d.raw for d in sorted(fetched, key=lambda d: d.seq)] + arrived + self.puller.leftovers()
         await self.conn.settle_now([(raw, "nak") for raw in naks])
@@ -597,8 +608,8 @@ class PullSubscription:
 
     def _drained_far_enough(self) -> bool:
         """While draining: everything published before the drain began has been fetched."""
-        if self.drain_target is None or self.owed:
-            return False
+        if self.drain_target is None or self.owed or self.deferrals:
+            return False  # (deferred: nak'd with a delay, they must be fetched again)
         return self.last_seen >= max(self.drain_target, self.conn.published_seq(self.topic))
 
     def _accept(self, raw: list[Any]) -> list[JetStreamDelivery]:
@@ -626,7 +637,8 @@ class PullSubscription:
                 # away): keep one copy, settled through the newest delivery.
                 current.raw = m
                 continue
-            message = message_from(self.topic, m.data, m.headers, delivered)
+            attempt = max(1, delivered - self.deferrals.get(seq, 0))
+            message = message_from(self.topic, m.data, m.headers, attempt)
             delivery = JetStreamDelivery(self, m, seq, message)
             self.outstanding[seq] = delivery
             if not self.owed_by_key:
@@ -690,9 +702,25 @@ class PullSubscription:
         delivery.settled = True
         if self.outstanding.get(delivery.seq) is delivery:
             del self.outstanding[delivery.seq]
+        self.deferrals.pop(delivery.seq, None)
         if len(self.outstanding) <= _PARTITION_WINDOW - FETCH_BATCH:
             self._room.set()
         self.conn.queue_settles([(delivery.raw, how)])
+
+    def defer(self, delivery: JetStreamDelivery, delay: float) -> None:
+        """Nak `delivery` with `delay`: JetStream redelivers it no sooner (the deferral is not an attempt).
+
+        A consumer with max_deliver set (by an operator; keyedbus sets none) counts these redeliveries.
+        """
+        if delivery.settled:
+            return
+        delivery.settled = True
+        if self.outstanding.get(delivery.seq) is delivery:
+            del self.outstanding[delivery.seq]
+        self.deferrals[delivery.seq] = self.deferrals.get(delivery.seq, 0) + 1
+        if len(self.outstanding) <= _PARTITION_WINDOW - FETCH_BATCH:
+            self._room.set()
+        self.conn.queue_settles([(delivery.raw, f"nak:{delay:.3f}")])
 
     def unsettled(self) -> list[Any]:
         """Mark every outstanding message settled and return them oldest first, for a nak (with any that
@@ -704,6 +732,7 @@ class PullSubscription:
         self.held.clear()
         self.owed.clear()
         self.owed_by_key.clear()
+        self.deferrals.clear()
         return [d.raw for d in naks] + self.puller.leftovers()
 
     async def stop(self) -> None:

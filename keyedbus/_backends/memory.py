@@ -108,6 +108,14 @@ class _Delivery:
 
     withdrawn = False  # memory:// has no partitions to move
 
+    @property
+    def sequence(self) -> int:
+        return self.seq
+
+    def defer(self, delay: float) -> bool:
+        self.group.defer(self, delay)
+        return True
+
 
 #: What stands in the log for a message every group has settled while an older one is not (interest
 #: retention): its body and everything it pinned are freed; only the slot keeps the log indexed by sequence.
@@ -376,6 +384,8 @@ class _Group:
     __slots__ = (
         "acked",
         "cursor",
+        "deferred",
+        "deferred_scope",
         "floor",
         "generation",
         "inbox",
@@ -400,6 +410,9 @@ class _Group:
         self.outstanding: dict[int, int] = {}  # delivered, not settled: seq -> deliveries so far
         #: Sequences to deliver again, the next one last (a list: an empty deque costs 760 bytes a group).
         self.redeliver: list[int] = []
+        #: Handed back by the pool to be delivered again at a time: seq -> due (still outstanding).
+        self.deferred: dict[int, float] = {}
+        self.deferred_scope: trio.CancelScope | None = None  # while a task waits to redeliver them
         self.generation = 0
         self.subscribed = False
         self.inbox: Inbox | None = None  # set while subscribed and not stopped
@@ -430,6 +443,7 @@ class _Group:
             seq not in self.outstanding
             or not self.subscribed
             or (bool(self.redeliver) and seq in self.redeliver)
+            or seq in self.deferred  # handed back by the pool, due later: not in the pool any more
         )
 
     def skip_to(self, first: int) -> None:
@@ -443,6 +457,7 @@ class _Group:
         self._raise_floor()  # the new floor may be settled already: it must not wait for an ack never sent
         self.outstanding = {s: n for s, n in self.outstanding.items() if s >= first}
         self.redeliver = [s for s in self.redeliver if s >= first]
+        self.deferred = {s: due for s, due in self.deferred.items() if s >= first}
 
     def _raise_floor(self) -> None:
         """Move the floor past the sequences settled out of order right above it (acked, or gone)."""
@@ -553,8 +568,38 @@ class _Group:
         if self.topic.changed:
             self.topic.changed.unpark_all()
 
+    def defer(self, delivery: _Delivery, delay: float) -> None:
+        """Deliver `delivery` again no sooner than `delay` s from now; the deferral is not an attempt."""
+        seq = delivery.seq
+        if delivery.generation != self.generation or seq not in self.outstanding or self.task is None:
+            return  # stale: handed back to the group by a detach already
+        self.outstanding[seq] -= 1  # take() adds the delivery back: the redelivery's attempt is the same
+        self.deferred[seq] = trio.current_time() + delay
+        if self.deferred_scope is None:
+            self.deferred_scope = trio.CancelScope()
+            self.task.nursery.start_soon(self._redeliver_deferred, self.deferred_scope)
+
+    async def _redeliver_deferred(self, scope: trio.CancelScope) -> None:
+        """Move deferred messages to the redelivery list, in log order, as they fall due."""
+        with scope:
+            while self.deferred:
+                await trio.sleep_until(min(self.deferred.values()))
+                now = trio.current_time()
+                due = [seq for seq, at in self.deferred.items() if at <= now]
+                for seq in due:
+                    del self.deferred[seq]
+                self.redeliver = sorted(set(self.redeliver).union(due), reverse=True)
+                self.wake()
+        if self.deferred_scope is scope:
+            self.deferred_scope = None
+
     def detach(self) -> None:
         """Hand every unsettled message back, in log order, for the group's next subscriber."""
+        # Deferred ones are outstanding: they go back with the rest, at once.
+        self.deferred.clear()
+        if self.deferred_scope is not None:
+            self.deferred_scope.cancel()
+            self.deferred_scope = None
         self.generation += 1
         self.redeliver = sorted(set(self.outstanding) | set(self.redeliver), reverse=True)
         self.subscribed = False
