@@ -51,6 +51,7 @@ import heapq
 import itertools
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -152,6 +153,10 @@ class _Lane:
     #: delayed naks in no particular order), by sequence: kept here, counted in the pool's `_kept`, not
     #: against the worker's bound.
     early: dict[int, AggregateMessage] = attrs.field(default=_NONE_EARLY)
+    #: The `Delivery.epoch` its deferred messages were handed back in.
+    epoch: int = 0
+    #: Its deferred messages go to another reader (`forget_deferred`): nothing is kept early any more.
+    gone: bool = False
     #: Its ephemeral messages dropped since the last log line (coalesced: the first of a parking is logged
     #: at once, the rest when its retry comes).
     dropped: int = 0
@@ -268,6 +273,23 @@ class KeyedWorkerPool:
                 lane.early.clear()
             if lane.state == "waiting" and lane.key is not None:
                 del self._lanes[(lane.consumer, lane.key)]
+
+    def forget_deferred(self, consumer: Consumer, keys: Callable[[str], bool]) -> None:
+        """Another reader gets `consumer`'s messages of the keys `keys` selects now (a partition changed
+        hands): their deferred messages come back there, not here.
+
+        Those kept early are handed back at once: the new reader holds their keys as owed (they are
+        unsettled) and takes them in order; kept here, they would hold the new reader's keys until
+        `DEFER_GRACE` gave up on the older ones, and then run out of order. Messages of those keys still
+        on their way here (in a channel) are handed back too, behind the deferred ones; one that comes in
+        a later reading (a new `Delivery.epoch`: the partition came back) finds the lane's deferrals
+        dropped, since the broker then orders the key (owed keys).
+        """
+        for lane in list(self._lanes.values()):
+            key = lane.key
+            if lane.consumer is consumer and lane.deferred is not None and key is not None and keys(key):
+                self._hand_back_kept(lane)
+                lane.gone = True
 
     @property
     def unfinished(self) -> int:
@@ -453,6 +475,19 @@ class KeyedWorkerPool:
         """`item` arrives for a key with messages deferred: take it in its turn, keep it, or spill it."""
         deferred = lane.deferred
         assert deferred is not None
+        if item.delivery.epoch != lane.epoch:
+            # A later reading (the partition came back): what was deferred went to another reader, and the
+            # broker holds this key until it is settled (owed keys), so it orders the key from here on.
+            self._hand_back_kept(lane)
+            lane.deferred, lane.deferred_due, lane.gone = None, {}, False
+            if self._parked_full(lane):
+                self._spill(lane, item)
+            else:
+                self._hold(lane, item)
+            return
+        if lane.gone:
+            self._spill(lane, item)  # the ones before it went to another reader: so does it
+            return
         seq = item.delivery.sequence
         now = trio.current_time()
         while (
@@ -503,6 +538,19 @@ class KeyedWorkerPool:
                 self._kept[lane.worker] -= 1
                 self._hold(lane, lane.early.pop(seq))
 
+    def _hand_back_kept(self, lane: _Lane) -> None:
+        """Hand back to the broker, at once, the deferred messages `lane` kept early."""
+        early = lane.early
+        for seq in sorted(early):
+            self._kept[lane.worker] -= 1
+            item = early[seq]
+            if item.delivery.defer(0.0):
+                self._settled()
+            else:
+                self._release(item)  # cannot happen: only what a broker took back once is kept
+        if early:
+            lane.early = {}
+
     def _give_up(self, lane: _Lane, lost: int) -> None:
         del lane.deferred_due[lost]
         logger.warning(
@@ -532,6 +580,7 @@ class KeyedWorkerPool:
         if item.delivery.defer(delay):
             seq = item.delivery.sequence
             if lane.deferred is None:
+                lane.epoch = item.delivery.epoch
                 lane.deferred = []
                 if lane.deferred_due is _NONE_DUE:
                     lane.deferred_due, lane.early = {}, {}

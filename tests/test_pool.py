@@ -6,6 +6,7 @@ import gc
 import logging
 import sys
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -13,7 +14,8 @@ import trio.testing
 import keyedbus
 from keyedbus._groups import to_raise
 from keyedbus._messages import AggregateMessage
-from keyedbus._pool import DEFER_GRACE, fnv1a_32
+from keyedbus._pool import DEFER_GRACE, KeyedWorkerPool, fnv1a_32
+from keyedbus._statistics import Counters
 from keyedbus.testing import wait_until_handled
 
 if sys.version_info < (3, 11):
@@ -296,6 +298,102 @@ async def test_a_flooded_failing_key_keeps_every_keys_order_across_unsubscribe_a
     assert finished == {key: list(range(per_key)) for key in keys}  # nothing lost, nothing twice
     assert not [r for r in caplog.records if "did not come back" in r.getMessage()]
     assert took < DEFER_GRACE
+
+
+@attrs.define(eq=False)
+class _FakeDelivery:
+    """A persistent delivery as the pool sees it, recording deferrals (a broker's nak with a delay)."""
+
+    sequence: int
+    deferred: list[int]
+    settled: list[int]
+    epoch: int = 0
+    withdrawn: bool = False
+    message: keyedbus.Message = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.message = keyedbus.Message(topic="orders", data=b"", key="p", headers={}, attempt=1)
+
+    def ack(self) -> None:
+        self.settled.append(self.sequence)
+
+    term = ack
+
+    def release(self) -> None:
+        pass
+
+    def defer(self, delay: float) -> bool:
+        self.deferred.append(self.sequence)
+        return True
+
+
+@attrs.define(eq=False)
+class _FakeConsumer:
+    """A subscription as the pool sees it: key "p" fails until healed."""
+
+    handled: list[int] = attrs.Factory(list)
+    healed: bool = False
+    active: bool = True
+    topic: str = "orders"
+    retry: keyedbus.RetryPolicy = attrs.Factory(
+        lambda: keyedbus.RetryPolicy(max_attempts=100, initial_backoff=100, max_backoff=100, jitter=0)
+    )
+
+    async def handle(self, item: AggregateMessage) -> None:
+        if not self.healed:
+            raise RuntimeError("poison")
+        self.handled.append(item.delivery.sequence)
+
+    async def dead_letter(self, item: AggregateMessage, reason: str, failure: BaseException | None) -> None:
+        raise AssertionError("nothing is dead-lettered here")
+
+    def started(self) -> None:
+        pass
+
+    def finished(self) -> None:
+        pass
+
+    def released(self, item: AggregateMessage) -> None:
+        pass
+
+
+async def test_a_partition_changing_hands_lets_go_of_deferred_and_kept_messages(
+    autojump_clock: object,
+) -> None:
+    # JetStream gives a partition to another process (scale-out): what the pool deferred of its keys is
+    # redelivered there. Before, messages kept early here stayed kept (the new reader held their keys as
+    # owed, since they were unsettled) until DEFER_GRACE gave up on the older ones, 120 s later (torture
+    # --scaleout with queue_size=8: 125-132 s instead of ~25 s).
+    deferred: list[int] = []
+    settled: list[int] = []
+    consumer = _FakeConsumer()
+    pool = KeyedWorkerPool(keyedbus.PoolConfig(workers=1, queue_size=4), Counters())  # a parked key keeps 2
+
+    async def send(seq: int, epoch: int = 0) -> None:
+        delivery = _FakeDelivery(seq, deferred, settled, epoch)
+        assert pool.send_nowait(0, AggregateMessage("p", delivery, consumer, delivery.message))
+        await trio.testing.wait_all_tasks_blocked()
+
+    async with trio.open_nursery() as nursery:
+        pool.start(nursery)
+        for seq in range(1, 6):
+            await send(seq)
+        assert deferred == [3, 4, 5]  # 1 failed: 1 and 2 kept, parked for 100 s; 3..5 handed back
+        consumer.healed = True
+        await trio.sleep(101)
+        assert consumer.handled == [1, 2]  # the key now waits for 3..5 to come back, in order
+        await send(4)  # back before 3: kept
+        assert (pool.unfinished, consumer.handled) == (1, [1, 2])
+        pool.forget_deferred(consumer, lambda key: key == "p")
+        assert deferred == [3, 4, 5, 4]  # the kept one handed back at once, for the new reader
+        assert pool.unfinished == 0
+        await send(6)  # still on its way here when the partition went: it follows the deferred ones
+        assert deferred == [3, 4, 5, 4, 6]
+        await send(7, epoch=1)  # the partition came back later: the broker orders the key (owed keys)
+        assert consumer.handled == [1, 2, 7]
+        assert (pool.unfinished, pool.lanes()) == (0, 0)
+        pool.close()
+    assert settled == [1, 2, 7]
 
 
 # -- cancellation never loses silently -----------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import attrs
@@ -49,6 +49,12 @@ class Delivery(Protocol):
         """
         ...
 
+    @property
+    def epoch(self) -> int:
+        """Which reading of its messages by this process it came in: one that ended (a JetStream partition
+        given to another process) gives what it deferred to the next reader, not back here."""
+        ...
+
 
 @attrs.define(eq=False)
 class Outgoing:
@@ -89,6 +95,11 @@ class AtMostOnceDelivery:
         """At-most-once: the broker cannot take it back."""
         return False
 
+    @property
+    def epoch(self) -> int:
+        """At-most-once: nothing is deferred."""
+        return 0
+
 
 class Inbox(Protocol):
     """Where a backend's subscription task hands its deliveries: the bus's side of one subscription.
@@ -107,6 +118,11 @@ class Inbox(Protocol):
 
     def dropped(self, count: int, why: str) -> None:
         """Record `count` ephemeral messages that were dropped (at-most-once topics only)."""
+
+    def forget_deferred(self, keys: Callable[[str], bool]) -> None:
+        """Another reader gets the messages of the keys `keys` selects from now on (a partition changed
+        hands; the deliveries' `epoch` changes if this process reads them again): what the pool deferred
+        of them comes back there, not here."""
 
     def key_of(self, message: Message) -> str | None:
         """The key the bus orders `message` by (from its header, envelope or key function)."""

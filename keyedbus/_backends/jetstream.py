@@ -97,6 +97,8 @@ class JetStreamDelivery:
     raw: Any  # nats.aio.msg.Msg: the newest delivery of this stream sequence
     seq: int
     message: Message
+    #: The subscription's `epoch` when it arrived.
+    epoch: int = 0
     settled: bool = False
     #: Its partition went to another process while it waited here: the pool releases it unrun, and the
     #: release hands it back at once (see `PullSubscription._let_go`).
@@ -181,6 +183,9 @@ class PullSubscription:
         self.held: dict[str, list[JetStreamDelivery]] = {}
         #: Naks with a delay the pool asked for (a parked key's backlog), per sequence: not attempts.
         self.deferrals: dict[int, int] = {}
+        #: Counts the times this process let go of the consumer (`_let_go`): what the pool deferred before
+        #: goes to whoever reads next.
+        self.epoch = 0
         self.last_seen = 0
         #: The consumer sequence of the newest delivery this process saw (None: not known, e.g. right after
         #: it was given the pin); a gap after it is a delivery lost on its way (see `_missed`).
@@ -502,7 +507,8 @@ class PullSubscription:
             )
         await trio.sleep(self._recover_wait)
         self._recover_wait = min(self._recover_wait * 2, _RECOVER_MAX)
-        resume = min(self.outstanding, default=self.last_seen + 1)
+        # Deferred messages are not outstanding, but unsettled: the new consumer must deliver them again.
+        resume = min(min(self.outstanding, default=self.last_seen + 1), min(self.deferrals, default=2**63))
         try:
             self._streams.forget(self.topic)
             stream = await self._streams.ensure(self.topic, self.config)
@@ -593,6 +599,13 @@ class PullSubscription:
         self.last_delivery = None
         self._stored_in_gap.clear()
         self.deferrals.clear()  # whoever reads next counts their redeliveries as attempts (conservative)
+        # Messages the pool deferred go to whoever reads next: its lanes must not wait for them here.
+        self.epoch += 1
+        partition, partitions = self.partition, self.stream_info.partitions(self.topic)
+        if partition is None:
+            self.inbox.forget_deferred(lambda key: True)
+        else:
+            self.inbox.forget_deferred(lambda key: _scaleout.partition_of(key, partitions) == partition)
         self.released_pin, self.puller.pin = self.puller.pin, None
         naks = [d.raw for d in sorted(fetched, key=lambda d: d.seq)] + arrived + self.puller.leftovers()
         await self.conn.settle_now([(raw, "nak") for raw in naks])
@@ -639,7 +652,7 @@ class PullSubscription:
                 continue
             attempt = max(1, delivered - self.deferrals.get(seq, 0))
             message = message_from(self.topic, m.data, m.headers, attempt)
-            delivery = JetStreamDelivery(self, m, seq, message)
+            delivery = JetStreamDelivery(self, m, seq, message, self.epoch)
             self.outstanding[seq] = delivery
             if not self.owed_by_key:
                 ready.append(delivery)

@@ -116,6 +116,10 @@ class _Delivery:
         self.group.defer(self, delay)
         return True
 
+    @property
+    def epoch(self) -> int:
+        return self.generation
+
 
 #: What stands in the log for a message every group has settled while an older one is not (interest
 #: retention): its body and everything it pinned are freed; only the slot keeps the log indexed by sequence.
