@@ -499,3 +499,70 @@ async def test_max_age_evicts_a_parked_message_and_the_settled_ones_behind_it(
     assert sorted(d for k, d, _ in seen if k != "poison") == [b"h%d" % i for i in range(7)]
     assert late == [("h6", b"h6", 1)]  # the log held nothing else when it subscribed
     assert _evictions(caplog, "orders") == 0
+
+
+async def test_a_message_evicted_while_queued_then_handed_back_unrun_is_counted(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[bytes] = []
+    gate = trio.Event()
+
+    async def handler(msg: keyedbus.Message) -> None:
+        if msg.data == b"a1":
+            await gate.wait()
+        seen.append(msg.data)
+
+    async with keyedbus.open_bus() as bus:
+        await bus.configure_topic("orders", keyedbus.TopicConfig(max_msgs=1))
+        sub = await bus.subscribe("orders", handler)
+        await bus.publish("orders", b"a1", key="a")
+        await trio.testing.wait_all_tasks_blocked()
+        await bus.publish("orders", b"a2", key="a")  # evicts a1, which runs: it is still handled
+        await trio.testing.wait_all_tasks_blocked()
+        await bus.publish("orders", b"b1", key="b")  # evicts a2, queued in the pool behind a1
+        await trio.testing.wait_all_tasks_blocked()
+        # Evicted while in the pool, a2 was not counted: it would still be handled. Unsubscribing hands it
+        # back unrun, and the log no longer has it for the next subscriber: it is lost, so it must count.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sub.unsubscribe)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+        await bus.subscribe("orders", handler)
+        await wait_until_handled(bus)
+        assert bus.statistics().evicted == 1
+    assert sorted(seen) == [b"a1", b"b1"]
+    assert _evictions(caplog, "orders") == 1
+
+
+async def test_a_message_handed_back_during_unsubscribe_then_evicted_is_counted(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[tuple[bytes, int]] = []
+    gate = trio.Event()
+
+    async def handler(msg: keyedbus.Message) -> None:
+        seen.append((msg.data, msg.attempt))
+        if msg.data == b"a1":
+            await gate.wait()
+        if msg.data == b"b1":
+            raise RuntimeError("parked")
+
+    async with keyedbus.open_bus(retry=_PARKED_RETRY) as bus:
+        await bus.configure_topic("orders", keyedbus.TopicConfig(max_msgs=2))
+        sub = await bus.subscribe("orders", handler)
+        await bus.publish("orders", b"a1", key="a")  # runs until the gate opens
+        await bus.publish("orders", b"b1", key="b")  # fails once: parked for 100 s
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+            # The unsubscribe hands b1 back at once, then waits for a1's handler: meanwhile b1 is neither in
+            # the pool nor handed back to the group yet, so evicting it loses it for the group.
+            nursery.start_soon(sub.unsubscribe)
+            await trio.testing.wait_all_tasks_blocked()
+            await bus.publish("orders", b"c1", key="c")  # evicts a1, running: still handled
+            await bus.publish("orders", b"c2", key="c")  # evicts b1
+            gate.set()
+        await bus.subscribe("orders", handler)
+        await wait_until_handled(bus)
+        assert bus.statistics().evicted == 1
+    assert sorted(seen) == [(b"a1", 1), (b"b1", 1), (b"c1", 1), (b"c2", 1)]  # a1, b1 run concurrently
+    assert _evictions(caplog, "orders") == 1

@@ -104,7 +104,9 @@ class _Delivery:
         self.group.settle(self)
 
     def release(self) -> None:
-        """Nothing to do: an unsettled message stays outstanding and is redelivered after detach."""
+        """Handed back unrun: it stays outstanding and is redelivered after detach (meanwhile a limit that
+        evicts it counts it). One a limit evicted while it was queued cannot be: it is counted now."""
+        self.group.released(self)
 
     withdrawn = False  # memory:// has no partitions to move
 
@@ -293,6 +295,9 @@ class _Topic:
             seq = entry.seq
             if not groups or any(g.will_not_handle(seq) for g in groups):
                 unsettled += 1
+            else:
+                for group in groups:
+                    group.note_evicted_in_hand(seq, why)
         if self.head == head:
             return
         while log and log[0] is _GONE:
@@ -390,8 +395,10 @@ class _Group:
         "cursor",
         "deferred",
         "deferred_scope",
+        "evicted_in_hand",
         "floor",
         "generation",
+        "handed_back",
         "inbox",
         "name",
         "outstanding",
@@ -412,6 +419,14 @@ class _Group:
         #: group is small. A topic's only group keeps none: its out-of-order acks are the _GONE markers.
         self.acked: set[int] | None = None
         self.outstanding: dict[int, int] = {}  # delivered, not settled: seq -> deliveries so far
+        #: Evicted by a limit while delivered and unsettled, so not counted (the pool still handles them):
+        #: seq -> (generation of the copy in the pool, why). If the pool hands that copy back unrun instead
+        #: (its subscription stopped first), the log has nothing left to redeliver: it is counted then.
+        #: None while there are none.
+        self.evicted_in_hand: dict[int, tuple[int, str]] | None = None
+        #: Outstanding, and handed back by the pool unrun (its subscription is stopping), not yet detached:
+        #: no copy of them is handled any more, so evicting one now loses it. None while there are none.
+        self.handed_back: set[int] | None = None
         #: Sequences to deliver again, the next one last (a list: an empty deque costs 760 bytes a group).
         self.redeliver: list[int] = []
         #: Handed back by the pool to be delivered again at a time: seq -> due (still outstanding).
@@ -448,6 +463,46 @@ class _Group:
             or not self.subscribed
             or (bool(self.redeliver) and seq in self.redeliver)
             or seq in self.deferred  # handed back by the pool, due later: not in the pool any more
+            or (self.handed_back is not None and seq in self.handed_back)
+        )
+
+    def note_evicted_in_hand(self, seq: int, why: str) -> None:
+        """A limit evicted `seq`, which this group holds delivered and unsettled (see `evicted_in_hand`)."""
+        if seq in self.outstanding:
+            if self.evicted_in_hand is None:
+                self.evicted_in_hand = {}
+            self.evicted_in_hand[seq] = (self.generation, why)
+
+    def _handled_evicted(self, delivery: _Delivery) -> str | None:
+        """Forget `delivery` if it is the copy of an evicted message noted in `evicted_in_hand`."""
+        held = self.evicted_in_hand
+        if held is None:
+            return None
+        noted = held.get(delivery.seq)
+        if noted is None or noted[0] != delivery.generation:
+            return None  # another copy (one handed back before it was delivered again) or not evicted
+        del held[delivery.seq]
+        if not held:
+            self.evicted_in_hand = None
+        return noted[1]
+
+    def released(self, delivery: _Delivery) -> None:
+        """The pool handed `delivery` back unrun: note it (see `handed_back`), or, if a limit evicted it
+        while it was queued, it is lost: count it."""
+        if delivery.generation == self.generation and delivery.seq in self.outstanding:
+            if self.handed_back is None:
+                self.handed_back = set()
+            self.handed_back.add(delivery.seq)
+            return
+        why = self._handled_evicted(delivery)
+        if why is None:
+            return
+        topic = self.topic
+        topic.evictions.record(
+            topic,
+            1,
+            f"{why} (evicted while queued; its subscription stopped before running it)",
+            trio.current_time(),
         )
 
     def skip_to(self, first: int) -> None:
@@ -462,6 +517,8 @@ class _Group:
         self.outstanding = {s: n for s, n in self.outstanding.items() if s >= first}
         self.redeliver = [s for s in self.redeliver if s >= first]
         self.deferred = {s: due for s, due in self.deferred.items() if s >= first}
+        if self.handed_back is not None:
+            self.handed_back = {s for s in self.handed_back if s >= first} or None
 
     def _raise_floor(self) -> None:
         """Move the floor past the sequences settled out of order right above it (acked, or gone)."""
@@ -528,7 +585,10 @@ class _Group:
     def settle(self, delivery: _Delivery) -> None:
         seq = delivery.seq
         if delivery.generation != self.generation or seq not in self.outstanding:
-            return  # stale: handed back to the group by a detach, or expired
+            # Stale: handed back to the group by a detach, or evicted (then handled all the same).
+            if self.evicted_in_hand is not None:
+                self._handled_evicted(delivery)
+            return
         del self.outstanding[seq]
         topic = self.topic
         if seq != self.floor:
@@ -606,6 +666,7 @@ class _Group:
             self.deferred_scope = None
         self.generation += 1
         self.redeliver = sorted(set(self.outstanding) | set(self.redeliver), reverse=True)
+        self.handed_back = None  # redeliver has them now
         self.subscribed = False
         if self.topic.changed:
             self.topic.changed.unpark_all()
