@@ -25,8 +25,10 @@ The shape the design card draws, all under the bus's one nursery:
   as the parked messages, but outside the worker's `queue_size` bound. Inside it they could fill the bound,
   and the worker would stop receiving the very message they wait for from its channel: every key of the
   topic stalled behind that channel until the grace below ran out, and then ran out of order. A deferred
-  message that does not come back within `DEFER_GRACE` seconds of its due time (the broker lost it: a limit
-  evicted it, its stream was deleted) is logged and the key goes on without it. So a poison key flooded
+  message the broker will not bring back (a limit evicted it, its stream was deleted) is logged and the key
+  goes on without it: the broker says so where it can (`Delivery.will_redeliver`: memory:// does), else it
+  is assumed once `DEFER_GRACE` seconds passed since its due time (JetStream). A broker that can tell is
+  trusted over the clock: a message back late behind backpressure is late, not lost. So a poison key flooded
   with messages never fills its worker's bound, and the other keys keep flowing (guarantee 3).
 - **Workers run ready lanes, and help each other.** A worker runs the head message of a ready lane itself
   (the handler inside a cancel scope of `handler_timeout`) and settles it (ack, retry, dead-letter), so
@@ -166,7 +168,8 @@ class _Lane:
 #: Seconds a deferred message of a parked key is handed back for at least (the broker's redelivery timer).
 _MIN_DEFER = 0.5
 #: Seconds past its due time a deferred message may take to come back before its key stops waiting for it
-#: (the broker lost it: evicted by a limit, or its stream deleted) and goes on with the next one. Longer than
+#: (the broker lost it: evicted by a limit, or its stream deleted) and goes on with the next one, where the
+#: broker cannot tell whether it lost it (`Delivery.will_redeliver` None: JetStream). Longer than
 #: JetStream's default ack_wait (30 s): a nak lost in a reconnect brings the message back after ack_wait.
 DEFER_GRACE = 120.0
 
@@ -494,7 +497,7 @@ class KeyedWorkerPool:
             deferred
             and deferred[0] != seq
             and deferred[0] not in lane.early
-            and now >= lane.deferred_due[deferred[0]] + DEFER_GRACE
+            and self._lost(lane, deferred[0], now, item)
         ):
             self._give_up(lane, deferred.pop(0))
         self._take_early(lane)
@@ -550,6 +553,20 @@ class KeyedWorkerPool:
                 self._release(item)  # cannot happen: only what a broker took back once is kept
         if early:
             lane.early = {}
+
+    @staticmethod
+    def _lost(lane: _Lane, seq: int, now: float, probe: AggregateMessage | None) -> bool:
+        """Whether deferred `seq` of `lane` will not come back: the broker says so (`probe`, a message of
+        the same subscription, asks it), or, where it cannot tell, `DEFER_GRACE` has passed since it was due.
+
+        A broker that can tell is trusted over the clock: a deferred message may come back long after its
+        due time without being lost (the subscription waits for room in the worker queues meanwhile), and
+        giving up on it then runs the key's later messages before it.
+        """
+        known = None if probe is None else probe.delivery.will_redeliver(seq)
+        if known is not None:
+            return not known
+        return now >= lane.deferred_due[seq] + DEFER_GRACE
 
     def _give_up(self, lane: _Lane, lost: int) -> None:
         del lane.deferred_due[lost]
@@ -735,13 +752,14 @@ class KeyedWorkerPool:
         """Give up on deferred messages of `lane` that are overdue, then take the kept ones that follow."""
         deferred = lane.deferred
         now = trio.current_time()
-        while (
-            deferred and deferred[0] not in lane.early and now >= lane.deferred_due[deferred[0]] + DEFER_GRACE
-        ):
+        probe = next(iter(lane.early.values()), None)
+        while deferred and deferred[0] not in lane.early and self._lost(lane, deferred[0], now, probe):
             self._give_up(lane, deferred.pop(0))
         self._take_early(lane)
         if lane.early and lane.deferred:
-            self._add_timer(lane.deferred_due[lane.deferred[0]] + DEFER_GRACE, lane)
+            at = lane.deferred_due[lane.deferred[0]] + DEFER_GRACE
+            # Past it, the broker said it still owes the message: look again a grace later, not in a loop.
+            self._add_timer(at if at > now else now + DEFER_GRACE, lane)
         if lane.state == "ready":
             self._wake_one()
 

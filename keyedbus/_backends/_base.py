@@ -49,6 +49,11 @@ class Delivery(Protocol):
         """
         ...
 
+    def will_redeliver(self, sequence: int) -> bool | None:
+        """Whether the broker will deliver `sequence` (deferred by this subscription) again: False once it
+        cannot (a limit evicted it), None where the broker cannot tell (the pool then waits `DEFER_GRACE`)."""
+        ...
+
     @property
     def epoch(self) -> int:
         """Which reading of its messages by this process it came in: one that ended (a JetStream partition
@@ -94,6 +99,10 @@ class AtMostOnceDelivery:
     def defer(self, delay: float) -> bool:
         """At-most-once: the broker cannot take it back."""
         return False
+
+    def will_redeliver(self, sequence: int) -> bool | None:
+        """At-most-once: nothing is deferred."""
+        return None
 
     @property
     def epoch(self) -> int:

@@ -125,6 +125,11 @@ class JetStreamDelivery:
         self.sub.defer(self, delay)
         return True
 
+    def will_redeliver(self, sequence: int) -> bool | None:
+        """The server may have dropped a nak'd message (a limit, a deleted stream) without telling: the
+        pool's grace decides."""
+        return None
+
 
 class PullSubscription:
     """A durable pull consumer feeding one Inbox, holding keys still owed by an earlier consumer."""

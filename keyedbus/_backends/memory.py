@@ -118,6 +118,14 @@ class _Delivery:
         self.group.defer(self, delay)
         return True
 
+    def will_redeliver(self, sequence: int) -> bool | None:
+        """A deferred message stays outstanding until redelivered and settled; a limit's eviction (counted)
+        is the only way it leaves. None once the group was handed to another subscriber (a new reading)."""
+        group = self.group
+        if self.generation != group.generation:
+            return None
+        return sequence in group.outstanding
+
     @property
     def epoch(self) -> int:
         return self.generation
