@@ -566,3 +566,37 @@ async def test_a_message_handed_back_during_unsubscribe_then_evicted_is_counted(
         assert bus.statistics().evicted == 1
     assert sorted(seen) == [(b"a1", 1), (b"b1", 1), (b"c1", 1), (b"c2", 1)]  # a1, b1 run concurrently
     assert _evictions(caplog, "orders") == 1
+
+
+async def test_a_message_evicted_in_the_pool_then_spilled_behind_a_parked_key_is_counted(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    handled: list[bytes] = []
+    gate = trio.Event()
+
+    async def handler(msg: keyedbus.Message) -> None:
+        if msg.data == b"p0" and msg.attempt == 1:
+            raise RuntimeError("parked")
+        if msg.data == b"s0":
+            await gate.wait()
+        handled.append(msg.data)
+
+    pool = keyedbus.PoolConfig(workers=1, queue_size=2)  # a parked key keeps 1: the next one is spilled
+    async with keyedbus.open_bus(pool=pool, retry=_PARKED_RETRY) as bus:
+        await bus.configure_topic("orders", keyedbus.TopicConfig(max_msgs=3))
+        await bus.subscribe("orders", handler)
+        await bus.publish("orders", b"p0", key="p")  # parked until its retry at 100 s
+        await trio.testing.wait_all_tasks_blocked()
+        await bus.publish("orders", b"s0", key="s")  # holds the only worker
+        await trio.testing.wait_all_tasks_blocked()
+        await bus.publish("orders", b"p1", key="p")  # waits in the worker's channel
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(3):  # evict p0 and s0 (in the pool: still handled) and p1 (in the channel)
+            await bus.publish("orders", b"x%d" % i, key=f"x{i}")
+        gate.set()
+        # The worker takes p1 in behind the parked p0 and spills it back to the broker, which no longer has
+        # it: lost, so it must count (it was taken for "in the pool, still handled" when evicted).
+        await wait_until_handled(bus)
+        assert bus.statistics().evicted == 1
+    assert sorted(handled) == [b"p0", b"s0", b"x0", b"x1", b"x2"]
+    assert _evictions(caplog, "orders") == 1

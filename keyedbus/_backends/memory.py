@@ -644,7 +644,10 @@ class _Group:
         """Deliver `delivery` again no sooner than `delay` s from now; the deferral is not an attempt."""
         seq = delivery.seq
         if delivery.generation != self.generation or seq not in self.outstanding or self.task is None:
-            return  # stale: handed back to the group by a detach already
+            # Handed back to the group by a detach already (or about to be), or evicted while in the pool:
+            # as a hand-back, it is then counted (see `released`).
+            self.released(delivery)
+            return
         self.outstanding[seq] -= 1  # take() adds the delivery back: the redelivery's attempt is the same
         self.deferred[seq] = trio.current_time() + delay
         if self.deferred_scope is None:
