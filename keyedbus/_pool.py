@@ -16,8 +16,9 @@ The shape the design card draws, all under the bus's one nursery:
   a retry) are at most ``queue_size // 2`` (each parked key keeps at least its head). Beyond, a parked key's
   later messages are *spilled*, never its neighbours': on an ephemeral topic dropped (counted in
   `dropped`; the first of a parking logged at once, the rest when its retry comes); on a persistent topic
-  handed back to the broker with `Delivery.defer`, due no sooner than the key's retry (a JetStream nak
-  with a delay; memory:// redelivers it from its log), not counted as an attempt. A key with deferred
+  handed back to the broker with `Delivery.defer`, due no sooner than the key's retry (memory:// redelivers
+  it from its log), not counted as an attempt. Only deliveries that say `spillable`: JetStream's do not
+  (docs/semantics.md), so there a parked key's backlog stays within the worker's bound. A key with deferred
   messages then hands back every later message too and takes the deferred ones back oldest first, so its
   order holds (guarantee 1). Deferred messages may come back out of order (JetStream redelivers a round of
   delayed naks in no particular order; one deferred again behind a later retry comes back after younger
@@ -446,7 +447,7 @@ class KeyedWorkerPool:
             if existing is not None:
                 if existing.deferred and item.consumer.active:
                     self._admit_deferred(existing, item)
-                elif self._parked_full(existing) and item.consumer.active:
+                elif self._parked_full(existing) and item.consumer.active and item.delivery.spillable:
                     self._spill(existing, item)
                 else:
                     self._hold(existing, item)
@@ -732,7 +733,7 @@ class KeyedWorkerPool:
         lane.due = trio.current_time() + delay
         worker = lane.worker
         room = max(1, self._parked_max - self._parked[worker] - self._kept[worker])
-        if len(lane.items) > room and lane.consumer.active:
+        if len(lane.items) > room and lane.consumer.active and lane.items[-1].delivery.spillable:
             tail = [lane.items.pop() for _ in range(len(lane.items) - room)]
             self._held[worker] -= len(tail)
             for item in reversed(tail):  # oldest first: the broker gives them back in this order

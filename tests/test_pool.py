@@ -310,6 +310,7 @@ class _FakeDelivery:
     settled: list[int]
     epoch: int = 0
     withdrawn: bool = False
+    spillable: bool = True
     message: keyedbus.Message = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:

@@ -41,6 +41,11 @@ class Delivery(Protocol):
         """The broker's sequence of this message (stream order); 0 where there is none (ephemeral)."""
         ...
 
+    @property
+    def spillable(self) -> bool:
+        """Whether the pool may spill it past a parked key's bound (`defer` it, or drop it if ephemeral)."""
+        ...
+
     def defer(self, delay: float) -> bool:
         """Hand it back now, to be delivered again no sooner than `delay` seconds from now.
 
@@ -90,6 +95,7 @@ class AtMostOnceDelivery:
         """At-most-once: nothing to settle."""
 
     withdrawn = False  # nothing takes an ephemeral delivery back
+    spillable = True  # dropped, counted
 
     @property
     def sequence(self) -> int:

@@ -109,6 +109,7 @@ class _Delivery:
         self.group.released(self)
 
     withdrawn = False  # memory:// has no partitions to move
+    spillable = True  # deferred: redelivered from the log when due
 
     @property
     def sequence(self) -> int:
