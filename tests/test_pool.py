@@ -256,6 +256,7 @@ async def test_a_flooded_failing_key_keeps_every_keys_order_across_unsubscribe_a
     per_key = 40
     finished: dict[str, list[int]] = {key: [] for key in keys}  # handled, or failed its last attempt
     a_third_finished = trio.Event()
+    a_key_retries_after_a_third = trio.Event()
     violations: list[str] = []
 
     def fails(key: str, seq: int, attempt: int) -> bool:
@@ -274,6 +275,8 @@ async def test_a_flooded_failing_key_keeps_every_keys_order_across_unsubscribe_a
         if sum(map(len, finished.values())) >= len(keys) * per_key // 3:
             a_third_finished.set()
         if failed:
+            if a_third_finished.is_set() and msg.attempt < max_attempts:
+                a_key_retries_after_a_third.set()
             raise RuntimeError("injected")
 
     pool = keyedbus.PoolConfig(workers=8, queue_size=8)  # a worker's parked keys keep 4
@@ -289,8 +292,11 @@ async def test_a_flooded_failing_key_keeps_every_keys_order_across_unsubscribe_a
                         await bus.publish("orders", str(seq).encode(), key=key)
 
             nursery.start_soon(publish_all)
-            await a_third_finished.wait()
-            assert bus.statistics().parked_keys  # keys wait for retries, with messages deferred
+            # Replace the subscription while a key waits for a retry with messages deferred (at the
+            # instant a third has finished, trio's scheduling may have none waiting).
+            await a_key_retries_after_a_third.wait()
+            await trio.testing.wait_all_tasks_blocked()  # before the clock jumps past its backoff
+            assert bus.statistics().parked_keys
             await sub.unsubscribe()
             sub = await bus.subscribe("orders", handler)
         await wait_until_handled(bus)
