@@ -7,6 +7,7 @@ Prints "busy" once it has handled 50 messages; then it goes on until interrupted
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import trio
@@ -33,4 +34,7 @@ async def main(url: str, topic: str) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C as a terminal gives it, even when the test run was started in the background by a shell
+    # without job control (its children inherit SIGINT ignored, and trio then leaves it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     trio.run(main, sys.argv[1], sys.argv[2])

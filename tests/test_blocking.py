@@ -213,8 +213,12 @@ def test_on_jetstream(nats_server: NatsServer) -> None:
 
 
 INTERRUPTED = """
-import os, sys, threading
+import os, signal, sys, threading
 import keyedbus, keyedbus.blocking
+
+# Ctrl-C as a terminal gives it, even when the test run itself was started in the background by a shell
+# without job control (which makes its children inherit SIGINT ignored: this test then hung for 60 s).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 started = threading.Event()
 
