@@ -806,6 +806,10 @@ class KeyedWorkerPool:
                         self._resume(lane)
                     elif lane.early and lane.state != "parked":
                         self._overdue(lane)
+                    elif lane.early:
+                        # A give-up timer while the key waits for its retry: look again when it resumes
+                        # (its retry's timer is older, so it goes first at the same time).
+                        self._add_timer(lane.due, lane)
         finally:
             self._task_exited()
 

@@ -407,6 +407,46 @@ async def test_a_partition_changing_hands_lets_go_of_deferred_and_kept_messages(
     assert settled == [1, 2, 7]
 
 
+async def test_a_give_up_timer_firing_while_the_key_is_parked_fires_again_when_it_resumes(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A deferred message kept early waits for an older one; if that one never comes back, a timer gives
+    # up on it DEFER_GRACE after its due time. When the timer fired while the key was parked for a retry,
+    # it was not armed again: the kept message stayed kept for good (nothing else of the key arriving).
+    deferred: list[int] = []
+    settled: list[int] = []
+    consumer = _FakeConsumer()  # fails until healed; every retry 100 s later
+    pool = KeyedWorkerPool(keyedbus.PoolConfig(workers=1, queue_size=4), Counters())  # a parked key keeps 2
+
+    async def send(seq: int) -> None:
+        delivery = _FakeDelivery(seq, deferred, settled)
+        assert pool.send_nowait(0, AggregateMessage("p", delivery, consumer, delivery.message))
+        await trio.testing.wait_all_tasks_blocked()
+
+    async with trio.open_nursery() as nursery:
+        pool.start(nursery)
+        start = trio.current_time()
+        for seq in range(1, 6):
+            await send(seq)
+        assert deferred == [3, 4, 5]  # 1 failed: parked 100 s with 2; 3..5 handed back, due then
+        consumer.healed = True
+        await trio.sleep_until(start + 101)
+        assert consumer.handled == [1, 2]  # the key waits for 3..5
+        await send(5)  # back before 3 and 4: kept; given up on 4 at its due time + DEFER_GRACE at most
+        await trio.sleep_until(start + 150)
+        consumer.healed = False
+        await send(3)  # back: it runs, fails, and parks the key until start + 250, past that give-up time
+        await trio.sleep_until(start + 100 + DEFER_GRACE + 10)
+        assert pool.unfinished == 2  # 3 parked, 5 kept: nothing given up while the key is parked
+        consumer.healed = True
+        with trio.fail_after(DEFER_GRACE):
+            await pool.wait_idle()
+        pool.close()
+    assert consumer.handled == [1, 2, 3, 5]  # 4 never came back: given up once the key ran again
+    assert settled == [1, 2, 3, 5]
+    assert [r for r in caplog.records if "sequence 4) did not come back" in r.getMessage()]
+
+
 # -- cancellation never loses silently -----------------------------------------------------------------
 
 
