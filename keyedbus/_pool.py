@@ -16,9 +16,8 @@ The shape the design card draws, all under the bus's one nursery:
   a retry) are at most ``queue_size // 2`` (each parked key keeps at least its head). Beyond, a parked key's
   later messages are *spilled*, never its neighbours': on an ephemeral topic dropped (counted in
   `dropped`; the first of a parking logged at once, the rest when its retry comes); on a persistent topic
-  handed back to the broker with `Delivery.defer`, due no sooner than the key's retry (memory:// redelivers
-  it from its log), not counted as an attempt. Only deliveries that say `spillable`: JetStream's do not
-  (docs/semantics.md), so there a parked key's backlog stays within the worker's bound. A key with deferred
+  handed back to the broker with `Delivery.defer`, due no sooner than the key's retry (a JetStream nak
+  with a delay; memory:// redelivers it from its log), not counted as an attempt. A key with deferred
   messages then hands back every later message too and takes the deferred ones back oldest first, so its
   order holds (guarantee 1). Deferred messages may come back out of order (JetStream redelivers a round of
   delayed naks in no particular order; one deferred again behind a later retry comes back after younger
@@ -26,11 +25,14 @@ The shape the design card draws, all under the bus's one nursery:
   as the parked messages, but outside the worker's `queue_size` bound. Inside it they could fill the bound,
   and the worker would stop receiving the very message they wait for from its channel: every key of the
   topic stalled behind that channel until the grace below ran out, and then ran out of order. A deferred
-  message the broker will not bring back (a limit evicted it, its stream was deleted) is logged and the key
-  goes on without it: the broker says so where it can (`Delivery.will_redeliver`: memory:// does), else it
-  is assumed once `DEFER_GRACE` seconds passed since its due time (JetStream). A broker that can tell is
-  trusted over the clock: a message back late behind backpressure is late, not lost. So a poison key flooded
-  with messages never fills its worker's bound, and the other keys keep flowing (guarantee 3).
+  message the broker will not bring back is logged and the key goes on without it, once the broker says so
+  (`Delivery.will_redeliver`): memory:// when a limit evicted it; JetStream when the consumer's ack floor
+  passed it (settled there: after a broker restart, another delivery of it was acked, or a limit removed
+  it). A message the broker still holds is waited for, however late (behind backpressure, or a nak lost
+  with a broker that went down), so no later message of its key runs before it; the timer asks again every
+  `_RECHECK` seconds while messages wait for it, kept early. Only where the broker cannot tell (a stream
+  since deleted) is it assumed lost once `DEFER_GRACE` seconds passed since its due time. So a poison key
+  flooded with messages never fills its worker's bound, and the other keys keep flowing (guarantee 3).
 - **Workers run ready lanes, and help each other.** A worker runs the head message of a ready lane itself
   (the handler inside a cancel scope of `handler_timeout`) and settles it (ack, retry, dead-letter), so
   in the common case a message costs one task switch, as in a plain channel-per-worker pool. While a
@@ -169,10 +171,13 @@ class _Lane:
 #: Seconds a deferred message of a parked key is handed back for at least (the broker's redelivery timer).
 _MIN_DEFER = 0.5
 #: Seconds past its due time a deferred message may take to come back before its key stops waiting for it
-#: (the broker lost it: evicted by a limit, or its stream deleted) and goes on with the next one, where the
-#: broker cannot tell whether it lost it (`Delivery.will_redeliver` None: JetStream). Longer than
-#: JetStream's default ack_wait (30 s): a nak lost in a reconnect brings the message back after ack_wait.
+#: (the broker lost it: its stream deleted) and goes on with the next one, where the broker cannot tell
+#: whether it lost it (`Delivery.will_redeliver` None). Longer than JetStream's default ack_wait (30 s): a
+#: nak lost in a reconnect brings the message back after ack_wait.
 DEFER_GRACE = 120.0
+#: Seconds between two questions to a broker that can tell whether it will bring a deferred message back
+#: (`Delivery.will_redeliver`), while messages of its key wait for it, kept early.
+_RECHECK = 1.0
 
 _CHANNEL = "channel"  # a worker waiting in receive() on its own channel
 _LOT = "lot"  # a worker waiting on its parking lot: at its bound, or its channel closed
@@ -523,7 +528,7 @@ class KeyedWorkerPool:
             self._kept[lane.worker] += 1
             lane.early[seq] = item
             if len(lane.early) == 1:  # if the older one never comes, the timer gives up on it
-                self._add_timer(lane.deferred_due[deferred[0]] + DEFER_GRACE, lane)
+                self._add_timer(self._look_again_at(lane, item, now), lane)
         else:
             self._spill(lane, item)
         self._take_early(lane)
@@ -568,6 +573,19 @@ class KeyedWorkerPool:
         if known is not None:
             return not known
         return now >= lane.deferred_due[seq] + DEFER_GRACE
+
+    @staticmethod
+    def _look_again_at(lane: _Lane, probe: AggregateMessage, now: float) -> float:
+        """When the timer of `lane` (with messages kept early) next asks whether its oldest deferred
+        message is lost: `_RECHECK` after its due time where the broker can tell (again and again while it
+        says it still holds it), else `DEFER_GRACE` after it (or a grace from now, once past: not in a
+        loop)."""
+        seq = lane.deferred[0] if lane.deferred else 0
+        due = lane.deferred_due.get(seq, now)
+        if probe.delivery.will_redeliver(seq) is None:
+            at = due + DEFER_GRACE
+            return at if at > now else now + DEFER_GRACE
+        return max(due, now) + _RECHECK
 
     def _give_up(self, lane: _Lane, lost: int) -> None:
         del lane.deferred_due[lost]
@@ -758,9 +776,7 @@ class KeyedWorkerPool:
             self._give_up(lane, deferred.pop(0))
         self._take_early(lane)
         if lane.early and lane.deferred:
-            at = lane.deferred_due[lane.deferred[0]] + DEFER_GRACE
-            # Past it, the broker said it still owes the message: look again a grace later, not in a loop.
-            self._add_timer(at if at > now else now + DEFER_GRACE, lane)
+            self._add_timer(self._look_again_at(lane, next(iter(lane.early.values())), now), lane)
         if lane.state == "ready":
             self._wake_one()
 

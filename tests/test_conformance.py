@@ -542,7 +542,6 @@ async def test_an_exception_raised_in_the_block_leaves_as_raised(backend: Backen
         assert left is raised
 
 
-@pytest.mark.not_on("jetstream", reason="JetStream does not spill a parked key's backlog (docs/semantics.md)")
 @pytest.mark.parametrize("persistence", ["persistent", "ephemeral"])
 async def test_a_poison_key_flooded_past_the_bound_does_not_stall_other_keys(
     backend: Backend, clock: object, persistence: str
@@ -614,11 +613,7 @@ async def test_a_poison_key_flooded_past_the_bound_does_not_stall_other_keys(
         assert stats.dropped > 0
 
 
-@pytest.mark.not_on(
-    "nats-core",
-    "jetstream",
-    reason="core NATS drops a parked key's backlog; JetStream does not spill it (docs/semantics.md)",
-)
+@pytest.mark.not_on("nats-core", reason="core NATS is at-most-once: a parked key's backlog is dropped")
 async def test_a_key_with_messages_deferred_to_the_broker_keeps_its_order_when_its_subscription_is_replaced(
     backend: Backend, clock: object
 ) -> None:

@@ -103,10 +103,8 @@ class JetStreamDelivery:
     #: Its partition went to another process while it waited here: the pool releases it unrun, and the
     #: release hands it back at once (see `PullSubscription._let_go`).
     withdrawn: bool = False
-    #: Not spilled: a parked key's backlog stays in the pool (docs/semantics.md, "A poison key flooded").
-    #: Deferred with delayed naks, such messages were seen not to come back for DEFER_GRACE after a broker
-    #: restart (torture, queue_size=8: 2 runs of 6; cause not found), and then ran out of order.
-    spillable = False
+    #: A parked key's backlog beyond its bound is handed back with delayed naks (`defer`).
+    spillable = True
 
     def ack(self) -> None:
         self.sub.settle(self, "ack")
@@ -130,9 +128,9 @@ class JetStreamDelivery:
         return True
 
     def will_redeliver(self, sequence: int) -> bool | None:
-        """The server may have dropped a nak'd message (a limit, a deleted stream) without telling: the
-        pool's grace decides."""
-        return None
+        """Whether the consumer will deliver deferred `sequence` again: the ack floor says (see
+        `PullSubscription.will_redeliver`)."""
+        return self.sub.will_redeliver(sequence)
 
 
 class PullSubscription:
@@ -192,6 +190,9 @@ class PullSubscription:
         self.held: dict[str, list[JetStreamDelivery]] = {}
         #: Naks with a delay the pool asked for (a parked key's backlog), per sequence: not attempts.
         self.deferrals: dict[int, int] = {}
+        #: The consumer's ack floor (stream sequence) as last read, while messages are deferred or owed:
+        #: nothing at or below it is delivered again (`will_redeliver`).
+        self.ack_floor = 0
         #: Counts the times this process let go of the consumer (`_let_go`): what the pool deferred before
         #: goes to whoever reads next.
         self.epoch = 0
@@ -381,7 +382,7 @@ class PullSubscription:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 continue
-            if self.owed:
+            if self.owed or self.deferrals:
                 await self._poll_floor()
             if self._drained_far_enough():
                 await trio.sleep(0.02)
@@ -544,6 +545,10 @@ class PullSubscription:
             self.held.clear()
             self.owed.clear()
             self.owed_by_key.clear()
+            # What the pool deferred was in the old stream: never delivered again, and the new stream's
+            # floor says nothing of it (the pool's grace decides, see `will_redeliver`).
+            self.deferrals.clear()
+            self.ack_floor = 0
             self.conn.forget_published(self.topic)
             self.last_seen = 0
             self.lag = 0
@@ -691,7 +696,8 @@ class PullSubscription:
         return free
 
     async def _poll_floor(self) -> None:
-        """Read the ack floor; owed messages below it were settled after all, so their keys go free."""
+        """Read the ack floor; owed messages below it were settled after all, so their keys go free, and
+        deferred ones below it will not come back (`will_redeliver`)."""
         now = trio.current_time()
         if now < self._next_floor_poll:
             return
@@ -702,6 +708,9 @@ class PullSubscription:
             logger.debug("%s: consumer info failed: %s", self.durable, exc)
             return
         floor = info["ack_floor"]["stream_seq"]
+        self.ack_floor = floor
+        for seq in [s for s in self.deferrals if s <= floor]:
+            del self.deferrals[seq]  # settled: no delivery of it will come to count as an attempt
         keys = {self.owed.pop(seq) for seq in [s for s in self.owed if s <= floor]}
         ready = [d for key in keys for d in self._release(key)]
         if ready:
@@ -728,6 +737,21 @@ class PullSubscription:
         if len(self.outstanding) <= _PARTITION_WINDOW - FETCH_BATCH:
             self._room.set()
         self.conn.queue_settles([(delivery.raw, how)])
+
+    def will_redeliver(self, sequence: int) -> bool | None:
+        """Whether the consumer will deliver `sequence`, which this process deferred, again.
+
+        False once the ack floor passed it: the server settled it without it coming back here. That
+        happens when another delivery of it was acked (after a broker restart JetStream may send a message
+        again before the ack of its first delivery reaches it; the pool then defers the copy, and the nak
+        is ignored), or when a limit removed it (the floor moves past what the stream lost). True while it
+        is above the floor: the server holds it unsettled, so it comes back (the floor passes it otherwise,
+        since the messages below it settle). None for a sequence this reading did not defer (another
+        reader's, or of a stream since recreated): the pool's grace decides.
+        """
+        if sequence <= self.ack_floor:
+            return False
+        return True if sequence in self.deferrals else None
 
     def defer(self, delivery: JetStreamDelivery, delay: float) -> None:
         """Nak `delivery` with `delay`: JetStream redelivers it no sooner (the deferral is not an attempt).

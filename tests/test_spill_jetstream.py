@@ -1,0 +1,138 @@
+"""A poison key flooded past its bound on JetStream: its backlog is handed back with delayed naks (spilled).
+
+Each test starts its own nats-server (killed by pid and restarted on the same store where it says so); a
+foreign client is plain nats-py on plain asyncio in a subprocess (tests/foreign_nats.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import trio
+
+import keyedbus
+from keyedbus._backends.jetstream import consumer_name, stream_name
+from keyedbus._pool import DEFER_GRACE, fnv1a_32
+from keyedbus.testing import NatsServer, wait_until_handled
+
+from .test_conformance import OrderChecker
+from .test_wire import foreign
+
+pytestmark = pytest.mark.nats
+
+
+async def test_a_deferred_message_the_broker_settled_meanwhile_does_not_hold_its_key(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The pool hands a parked key's backlog back (a nak with a delay) and then waits for it, oldest first.
+    # If the broker settles one of them meanwhile (another delivery of it was acked: after a broker restart
+    # JetStream sent a message again before the ack of its first delivery reached it, and the copy was
+    # deferred), it never comes back. The key waited DEFER_GRACE (120 s) for it, its later messages handed
+    # back again and again. The broker knows: its ack floor passed the message.
+    backoff = 3.0
+    retry = keyedbus.RetryPolicy(max_attempts=100, initial_backoff=backoff, max_backoff=backoff, jitter=0)
+    pool = keyedbus.PoolConfig(workers=1, queue_size=4)  # a parked key keeps 2: the rest is handed back
+    handled: list[int] = []
+    healed = False
+    first_failure = trio.Event()
+
+    async def handler(msg: keyedbus.Message) -> None:
+        if not healed:
+            first_failure.set()
+            raise RuntimeError("poison")
+        handled.append(int(msg.data))
+
+    caplog.set_level(logging.WARNING, logger="keyedbus")
+    with trio.fail_after(DEFER_GRACE - 30):
+        async with keyedbus.open_bus(nats_server.url, pool=pool, retry=retry, drain_timeout=30) as bus:
+            await bus.subscribe("orders", handler)
+            await bus.publish("orders", b"0", key="poison")
+            await first_failure.wait()
+            for i in range(1, 10):
+                await bus.publish("orders", str(i).encode(), key="poison")
+            # 0 and 1 kept, 2..9 handed back (statistics are counters: nothing to wait on)
+            while (stats := bus.statistics()).queued != 2 or stats.lag:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            # Another reader acks message 5 (stream sequence 6) while it is handed back here.
+            ack = f"$JS.ACK.{stream_name('orders')}.{consumer_name('orders', '')}.1.6.6.0.0"
+            assert await foreign(nats_server.url, {"op": "core_publish", "subject": ack}) == [{"ok": True}]
+            healed = True
+            await wait_until_handled(bus)
+    assert handled == [0, 1, 2, 3, 4, 6, 7, 8, 9]  # in order; 5 was the other reader's
+    assert [r for r in caplog.records if "(sequence 6) did not come back" in r.getMessage()]
+
+
+async def test_a_flooded_poison_key_keeps_every_keys_order_across_a_broker_kill_while_handed_back(
+    tmp_path: Path,
+) -> None:
+    # Guarantee 3 on JetStream: a poison key flooded past its worker's bound hands its backlog back to the
+    # broker, so its neighbours run. The broker is SIGKILLed and restarted on the same store while that
+    # backlog is nak'd with a delay: every message still comes back, in order, nothing lost, and nothing
+    # waits DEFER_GRACE for a message the broker will not send again.
+    server = NatsServer(tmp_path / "jetstream")
+    server.start()
+    backoff = 1.0
+    retry = keyedbus.RetryPolicy(max_attempts=1000, initial_backoff=backoff, max_backoff=backoff, jitter=0)
+    pool = keyedbus.PoolConfig(workers=2, queue_size=8, wait_timeout=0.5)
+    poison_worker = fnv1a_32("poison") % 2
+    neighbours = [k for k in (f"k{i}" for i in range(100)) if fnv1a_32(k) % 2 == poison_worker][:4]
+    elsewhere = [k for k in (f"k{i}" for i in range(100)) if fnv1a_32(k) % 2 != poison_worker][:4]
+    keys = neighbours + elsewhere
+    flood = 40
+    checker = OrderChecker()
+    healed = False
+    first_failure = trio.Event()
+    before_kill = trio.Event()
+
+    async def handler(msg: keyedbus.Message) -> None:
+        key, seq = msg.key, int(msg.data)
+        assert key is not None
+        if key != "poison" and checker.done[key] and seq <= checker.done[key][-1]:
+            return  # sent again after the kill, its ack lost with the broker (at-least-once): handled
+        checker.start(key, seq)
+        ok = False
+        try:
+            if key == "poison" and not healed:
+                first_failure.set()
+                raise RuntimeError("poison")
+            ok = True
+        finally:
+            checker.end(key, seq, ok)
+        if all(len(checker.done[k]) >= 5 for k in keys):
+            before_kill.set()
+
+    try:
+        with trio.fail_after(DEFER_GRACE - 20):
+            async with keyedbus.open_bus(
+                server.url, pool=pool, retry=retry, default_topic=keyedbus.TopicConfig(ack_wait=2)
+            ) as bus:
+                await bus.subscribe("orders", handler)
+                await bus.publish("orders", b"0", key="poison")
+                await first_failure.wait()
+                for i in range(1, flood + 1):
+                    await bus.publish("orders", str(i).encode(), key="poison")
+                for n in range(5):
+                    for key in keys:
+                        await bus.publish("orders", str(n).encode(), key=key)
+                # The neighbours ran while the poison key's backlog is handed back, again at each retry.
+                await before_kill.wait()
+                server.kill()
+                while bus.statistics().connected:  # noqa: ASYNC110 - nats-py notices by itself
+                    await trio.sleep(0.01)
+                await trio.sleep(0.5)
+                server.start()
+                while not bus.statistics().connected:  # noqa: ASYNC110 - and reconnects by itself
+                    await trio.sleep(0.01)
+                for n in range(5, 10):
+                    for key in keys:
+                        await bus.publish("orders", str(n).encode(), key=key)
+                await bus.publish("orders", str(flood + 1).encode(), key="poison")
+                healed = True
+                await wait_until_handled(bus)
+    finally:
+        server.stop()
+    assert checker.violations == []
+    assert checker.done["poison"] == list(range(flood + 2))  # in order, nothing lost, nothing twice
+    assert {key: checker.done[key] for key in keys} == {key: list(range(10)) for key in keys}
