@@ -408,9 +408,17 @@ class KeyedWorkerPool:
         return True
 
     def _wake_one(self) -> None:
+        """Wake the worker idle the longest: the least likely to be the home of a key still publishing.
+
+        The most recently idle one has just finished a message of a key hashed to it, most likely; woken to
+        run another worker's key, it leaves its own key's next message waiting in its channel, and that one
+        needs a helper in turn (io_bound[keys=100], waking the most recent: 0.31-0.36 wake-ups a message;
+        the longest idle: 0.21-0.25).
+        """
         idle = self._idle
         while idle:
-            index = idle.popitem()[0]
+            index = next(iter(idle))  # oldest first: a worker going idle is put last
+            del idle[index]
             if self._wake(index):
                 self._woken.add(index)
                 return
