@@ -8,10 +8,12 @@ counts lost messages, per-key order violations and keys handled by two processes
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -356,6 +358,59 @@ async def test_a_read_back_gets_every_stored_message_of_its_subject_in_the_range
                 assert all(m.headers["X-Aggregate-ID"] == f"k{int(m.data) % 13}" for _, m in got)
             info = await aio(js.stream_info)("READBACK")
             assert info.state.consumer_count == 0  # each read-back's consumer is gone
+            await aio(nc.close)()
+
+
+async def test_a_read_back_whose_consumer_an_operator_deletes_midway_fails_at_once(
+    nats_server: NatsServer,
+) -> None:
+    # An operator (or a clean-up script) may delete the read-back's short-lived consumer while it streams.
+    # The read-back must then fail at once (its caller hands the batch back and tries again with a new
+    # consumer). It took the server's status replies to its pull requests for ended requests and pulled
+    # again, thousands of times a second, until its 30 s limit, the partition stalled meanwhile.
+    import nats
+
+    from keyedbus._backends._aio import aio, open_loop
+    from keyedbus._backends.jetstream import ConsumerGone, aio_read_subject
+
+    class DeletedBeforeSecondPull:
+        """The reader's connection, but its read-back consumer is deleted before its second pull request."""
+
+        def __init__(self, nc: Any) -> None:
+            self.nc, self.pulls = nc, 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.nc, name)
+
+        async def publish(
+            self, subject: str, payload: bytes = b"", reply: str = "", headers: Any = None
+        ) -> None:
+            if ".CONSUMER.MSG.NEXT." in subject:
+                self.pulls += 1
+                if self.pulls == 2:
+                    stream, name = subject.split(".")[-2:]
+                    answer = await self.nc.request(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"", timeout=5)
+                    assert json.loads(answer.data) == {
+                        "type": "io.nats.jetstream.api.v1.consumer_delete_response",
+                        "success": True,
+                    }
+            await self.nc.publish(subject, payload, reply=reply, headers=headers)
+
+    with trio.fail_after(90):
+        async with open_loop():
+            nc = await aio(nats.connect)(nats_server.url)
+            js = nc.jetstream()
+            await aio(js.add_stream)(name="READBACK", subjects=["t.~0"])
+
+            async def fill() -> None:
+                for i in range(600):  # more than one pull request's worth
+                    await js.publish("t.~0", b"%d" % i, headers={"X-Aggregate-ID": f"k{i % 13}"})
+
+            await aio(fill)()
+            reader = DeletedBeforeSecondPull(nc)
+            with pytest.raises(ConsumerGone, match=r"^reading back t\.~0: its consumer KBR_\w+ was deleted"):
+                await aio(aio_read_subject)(reader, js, "READBACK", "t.~0", 1, 600)
+            assert reader.pulls == 2  # no pull request after the server said the consumer was gone
             await aio(nc.close)()
 
 

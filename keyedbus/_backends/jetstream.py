@@ -1052,6 +1052,11 @@ async def aio_read_subject(
                     raise TimeoutError(f"reading back {subject} from {first} took over {_READ_BACK_IDLE} s")
                 for m in items:
                     if not _natspy.is_data(m):
+                        gone = _natspy.consumer_gone(m)
+                        if gone is not None:  # deleted by an operator, say: pulling again would only spin
+                            raise ConsumerGone(
+                                f"reading back {subject}: its consumer {name} was deleted ({gone})"
+                            )
                         ended = ended or _natspy.status_of(m) != "100"  # 408 and the like: pull again
                         continue
                     seq, _, pending = _natspy.delivery_info(m)
