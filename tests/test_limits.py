@@ -600,3 +600,51 @@ async def test_a_message_evicted_in_the_pool_then_spilled_behind_a_parked_key_is
         assert bus.statistics().evicted == 1
     assert sorted(handled) == [b"p0", b"s0", b"x0", b"x1", b"x2"]
     assert _evictions(caplog, "orders") == 1
+
+
+@pytest.mark.parametrize("another_group", [False, True])
+async def test_deferred_messages_evicted_on_their_way_back_still_run_before_the_keys_later_ones(
+    another_group: bool, autojump_clock: object
+) -> None:
+    # A parked key's spilled messages come back from the log when due; on their way to the pool (in its
+    # worker's channel) a limit evicts them. The group's copies still run (delivered, unsettled: "handled
+    # all the same"; counted as evicted only for another group that never got them), and they must run in
+    # the key's order: the key's later message, ahead of them in the channel, used to give up on them (the
+    # log said they would not come back) and run first. Found by a random run (3 groups, max_msgs=25, a
+    # parked key): 42 then 20 for one key.
+    retry = keyedbus.RetryPolicy(max_attempts=5, initial_backoff=10, max_backoff=10, jitter=0)
+    handled: list[bytes] = []
+    b_go = trio.Event()
+
+    async def handler(msg: keyedbus.Message) -> None:
+        if msg.data == b"p0" and msg.attempt == 1:
+            raise RuntimeError("parked")  # parked until its retry at 10 s
+        if msg.key == "b":
+            await b_go.wait()  # holds the only worker
+        handled.append(msg.data)
+
+    pool = keyedbus.PoolConfig(workers=1, queue_size=4)  # a parked key keeps 2; the channel holds 4
+    async with keyedbus.open_bus(pool=pool, retry=retry, drain_timeout=1000) as bus:
+        await bus.configure_topic("orders", keyedbus.TopicConfig(max_msgs=8))
+        if another_group:
+            idle = await bus.subscribe("orders", handler, group="g0")
+            await idle.unsubscribe()  # g0 keeps its interest from here on and gets none of what follows
+        await bus.subscribe("orders", handler, group="g1")
+        await bus.publish("orders", b"p0", key="p")
+        await trio.testing.wait_all_tasks_blocked()
+        for data in (b"p1", b"p2", b"p3"):  # p1 kept behind p0; p2 and p3 spilled, due at 10 s
+            await bus.publish("orders", data, key="p")
+        await bus.publish("orders", b"b0", key="b")  # runs until b_go: the pool holds p0 p1 b0 b1
+        await bus.publish("orders", b"b1", key="b")
+        await bus.publish("orders", b"b2", key="b")  # b2 and p4 wait in the worker's channel
+        await bus.publish("orders", b"p4", key="p")
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(11)  # p2 and p3 came back from the log: in the channel behind p4
+        for i in range(4):  # evicts p0..p3 (the pool has p0 and p1; p2 and p3 are in the channel)
+            await bus.publish("orders", b"x%d" % i, key=f"x{i}")
+        await trio.testing.wait_all_tasks_blocked()
+        b_go.set()
+        await wait_until_handled(bus)
+        # Evicted before g0 got them, p0..p3 are lost for g0 (counted); g1 had them all in hand.
+        assert bus.statistics().evicted == (4 if another_group else 0)
+    assert [d for d in handled if d.startswith(b"p")] == [b"p0", b"p1", b"p2", b"p3", b"p4"]

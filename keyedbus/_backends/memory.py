@@ -121,11 +121,16 @@ class _Delivery:
 
     def will_redeliver(self, sequence: int) -> bool | None:
         """A deferred message stays outstanding until redelivered and settled; a limit's eviction (counted)
-        is the only way it leaves. None once the group was handed to another subscriber (a new reading)."""
+        is the only way it leaves, unless it was evicted on its way back to the pool (redelivered, not yet
+        there): that copy still comes. None once the group was handed to another subscriber (a new
+        reading)."""
         group = self.group
         if self.generation != group.generation:
             return None
-        return sequence in group.outstanding
+        if sequence in group.outstanding:
+            return True
+        held = group.evicted_in_hand
+        return held is not None and sequence in held and held[sequence][0] == group.generation
 
     @property
     def epoch(self) -> int:
@@ -302,11 +307,14 @@ class _Topic:
             if entry is _GONE:
                 continue  # every group had settled it
             seq = entry.seq
-            if not groups or any(g.will_not_handle(seq) for g in groups):
+            counted = not groups or any(g.will_not_handle(seq) for g in groups)
+            if counted:
                 unsettled += 1
-            else:
-                for group in groups:
-                    group.note_evicted_in_hand(seq, why)
+            for group in groups:
+                # A group's copy in the pool or on its way there runs all the same (counted or not): note
+                # it, so its key waits for it (`will_redeliver`) and a hand-back unrun is counted once.
+                if not counted or not group.will_not_handle(seq):
+                    group.note_evicted_in_hand(seq, None if counted else why)
         if self.head == head:
             return
         while log and log[0] is _GONE:
@@ -430,9 +438,10 @@ class _Group:
         self.outstanding: dict[int, int] = {}  # delivered, not settled: seq -> deliveries so far
         #: Evicted by a limit while delivered and unsettled, so not counted (the pool still handles them):
         #: seq -> (generation of the copy in the pool, why). If the pool hands that copy back unrun instead
-        #: (its subscription stopped first), the log has nothing left to redeliver: it is counted then.
-        #: None while there are none.
-        self.evicted_in_hand: dict[int, tuple[int, str]] | None = None
+        #: (its subscription stopped first), the log has nothing left to redeliver: it is counted then (why
+        #: is None if it was counted already, for another group that never got it). None while there are
+        #: none.
+        self.evicted_in_hand: dict[int, tuple[int, str | None]] | None = None
         #: Outstanding, and handed back by the pool unrun (its subscription is stopping), not yet detached:
         #: no copy of them is handled any more, so evicting one now loses it. None while there are none.
         self.handed_back: set[int] | None = None
@@ -475,7 +484,7 @@ class _Group:
             or (self.handed_back is not None and seq in self.handed_back)
         )
 
-    def note_evicted_in_hand(self, seq: int, why: str) -> None:
+    def note_evicted_in_hand(self, seq: int, why: str | None) -> None:
         """A limit evicted `seq`, which this group holds delivered and unsettled (see `evicted_in_hand`)."""
         if seq in self.outstanding:
             if self.evicted_in_hand is None:
