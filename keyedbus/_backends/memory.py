@@ -384,15 +384,8 @@ class _Topic:
                 low = min(g.floor for g in groups.values())
             log = self.log
             if log and self.head < low:
-                head = self.head
-                while log and head < low:
-                    entry = log.popleft()
-                    head += 1
-                    if entry is _GONE:
-                        self.gone -= 1
-                    else:
-                        self.bytes -= len(entry.data)
-                self.head = head
+                while log and self.head < low:
+                    self._pop()
                 if not log:
                     self.log = _NO_LOG
         max_age = self.config.max_age
