@@ -275,11 +275,8 @@ class KeyedWorkerPool:
                 continue
             if lane.state == "parked":
                 self._resume(lane)
-            if lane.early:
-                for item in lane.early.values():
-                    self._kept[lane.worker] -= 1
-                    self._release(item)  # back to the broker with the deferred ones, for the next subscriber
-                lane.early.clear()
+            for seq in list(lane.early):
+                self._release(self._unkeep(lane, seq))  # back to the broker with the deferred ones
             if lane.state == "waiting" and lane.key is not None:
                 del self._lanes[(lane.consumer, lane.key)]
 
@@ -529,7 +526,7 @@ class KeyedWorkerPool:
             seq in lane.deferred_due
             and lane.state != "parked"
             and seq not in lane.early
-            and self._parked[lane.worker] + self._kept[lane.worker] < self._parked_max
+            and self._parked_room(lane.worker) > 0
         ):
             # Back before an older deferred one: keep it until that one is back (bounded with the parked
             # messages; not against the worker's bound, see `_kept`).
@@ -547,26 +544,25 @@ class KeyedWorkerPool:
         while deferred and deferred[0] in lane.early:
             seq = deferred.pop(0)
             del lane.deferred_due[seq]
-            self._kept[lane.worker] -= 1
-            self._hold(lane, lane.early.pop(seq))
+            self._hold(lane, self._unkeep(lane, seq))
         if not deferred:
             lane.deferred = None
             for seq in sorted(lane.early or ()):  # cannot happen (each kept one is deferred): never strand
-                self._kept[lane.worker] -= 1
-                self._hold(lane, lane.early.pop(seq))
+                self._hold(lane, self._unkeep(lane, seq))
+
+    def _unkeep(self, lane: _Lane, seq: int) -> AggregateMessage:
+        """Take deferred message `seq` out of those `lane` keeps early (see `_kept`)."""
+        self._kept[lane.worker] -= 1
+        return lane.early.pop(seq)
 
     def _hand_back_kept(self, lane: _Lane) -> None:
         """Hand back to the broker, at once, the deferred messages `lane` kept early."""
-        early = lane.early
-        for seq in sorted(early):
-            self._kept[lane.worker] -= 1
-            item = early[seq]
+        for seq in sorted(lane.early):
+            item = self._unkeep(lane, seq)
             if item.delivery.defer(0.0):
                 self._settled()
             else:
                 self._release(item)  # cannot happen: only what a broker took back once is kept
-        if early:
-            lane.early = {}
 
     @staticmethod
     def _lost(lane: _Lane, seq: int, now: float, probe: AggregateMessage | None) -> bool:
@@ -607,9 +603,12 @@ class KeyedWorkerPool:
             extra={"topic": lane.consumer.topic, "key": lane.key},
         )
 
+    def _parked_room(self, worker: int) -> int:
+        """Messages `worker`'s parked lanes may still hold: parked ones and those kept early count alike."""
+        return self._parked_max - self._parked[worker] - self._kept[worker]
+
     def _parked_full(self, lane: _Lane) -> bool:
-        worker = lane.worker
-        return lane.state == "parked" and self._parked[worker] + self._kept[worker] >= self._parked_max
+        return lane.state == "parked" and self._parked_room(lane.worker) <= 0
 
     def _spill(self, lane: _Lane, item: AggregateMessage) -> None:
         """Hand `item` back to the broker, due after the key's retry (persistent), or drop it (ephemeral)."""
@@ -758,7 +757,7 @@ class KeyedWorkerPool:
         lane.state = "parked"
         lane.due = trio.current_time() + delay
         worker = lane.worker
-        room = max(1, self._parked_max - self._parked[worker] - self._kept[worker])
+        room = max(1, self._parked_room(worker))
         if len(lane.items) > room and lane.consumer.active and lane.items[-1].delivery.spillable:
             tail = [lane.items.pop() for _ in range(len(lane.items) - room)]
             self._held[worker] -= len(tail)
