@@ -213,6 +213,9 @@ class KeyedWorkerPool:
         #: message they wait for comes through its channel.
         self._kept = [0] * workers
         self._parked_max = max(1, config.queue_size // 2)
+        #: True once a backend withdrew deliveries (see `forget_deferred`): only then does a message's
+        #: `Delivery.withdrawn` need a look before it runs (memory:// and NATS core never withdraw any).
+        self._withdrawing = False
         #: Per worker: where it waits (_CHANNEL, _LOT), or None while it works.
         self._waiting: list[str | None] = [None] * workers
         self._lots = [trio.lowlevel.ParkingLot() for _ in range(workers)]
@@ -291,6 +294,7 @@ class KeyedWorkerPool:
         a later reading (a new `Delivery.epoch`: the partition came back) finds the lane's deferrals
         dropped, since the broker then orders the key (owed keys).
         """
+        self._withdrawing = True  # the backend marks what it withdraws right before it calls this
         for lane in list(self._lanes.values()):
             key = lane.key
             if lane.consumer is consumer and lane.deferred is not None and key is not None and keys(key):
@@ -737,9 +741,10 @@ class KeyedWorkerPool:
         if delay is None:
             lane.items.popleft()
             self._held[lane.worker] -= 1
-            while lane.items and lane.items[0].delivery.withdrawn:  # the key's later ones go back with it
-                self._release(lane.items.popleft())
-                self._held[lane.worker] -= 1
+            if self._withdrawing:
+                while lane.items and lane.items[0].delivery.withdrawn:  # the key's later ones go back too
+                    self._release(lane.items.popleft())
+                    self._held[lane.worker] -= 1
             if self._waiting[lane.worker] == _LOT:
                 self._lots[lane.worker].unpark()  # below its bound again: it may receive
             if lane.items:
@@ -844,7 +849,7 @@ class KeyedWorkerPool:
         bus's own cancellation propagates, and KeyboardInterrupt / SystemExit, which hand the message back.
         """
         consumer: Consumer = item.consumer
-        if not consumer.active or item.delivery.withdrawn:
+        if not consumer.active or (self._withdrawing and item.delivery.withdrawn):
             self._release(item)
             return None
         if item.dead_letter_reason is not None:

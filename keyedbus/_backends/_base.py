@@ -33,7 +33,8 @@ class Delivery(Protocol):
     @property
     def withdrawn(self) -> bool:
         """True once the backend took it back while it waited (its partition went to another process):
-        the pool must release it without running it."""
+        the pool must release it without running it. A backend sets it only right before it calls
+        `Inbox.forget_deferred` (no checkpoint between): the pool looks at it only from then on."""
         ...
 
     @property
@@ -137,7 +138,7 @@ class Inbox(Protocol):
     def forget_deferred(self, keys: Callable[[str], bool]) -> None:
         """Another reader gets the messages of the keys `keys` selects from now on (a partition changed
         hands; the deliveries' `epoch` changes if this process reads them again): what the pool deferred
-        of them comes back there, not here."""
+        of them comes back there, not here. Called right after marking any delivery `withdrawn`."""
 
     def key_of(self, message: Message) -> str | None:
         """The key the bus orders `message` by (from its header, envelope or key function)."""
