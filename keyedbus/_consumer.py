@@ -164,7 +164,8 @@ class Consumer(Generic[T]):
         except trio.ClosedResourceError:
             pass  # the pool closed (the bus is shutting down): the rest is handed back below
         finally:
-            self._hand_back(batch[sent:])
+            if sent < len(batch):
+                self._hand_back(batch[sent:])
         await trio.lowlevel.checkpoint()
 
     async def _send_waiting(self, index: int, item: AggregateMessage) -> None:
@@ -188,8 +189,6 @@ class Consumer(Generic[T]):
         await self._pool.send(index, item)
 
     def _hand_back(self, rest: Sequence[Delivery]) -> None:
-        if not rest:
-            return
         if self.ephemeral:
             self.dropped(len(rest), "its subscription stopped before they were queued")
             return

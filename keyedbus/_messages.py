@@ -395,7 +395,9 @@ def wire_size(data: bytes, headers: Mapping[str, str], message_id: str = "") -> 
         return len(data)
     size = _HEADER_FRAME + len(data)
     if message_id:
-        size += len(MSG_ID_HEADER) + 4 + len(message_id.encode("utf-8", "replace"))
+        size += len(MSG_ID_HEADER) + 4 + (
+            len(message_id) if message_id.isascii() else len(message_id.encode("utf-8", "replace"))
+        )
     for name, value in headers.items():
         size += len(name) + 4 + (len(value) if value.isascii() else len(value.encode("utf-8", "replace")))
     return size
