@@ -75,3 +75,17 @@ async def test_a_quiet_subscription_keeps_no_task(config: keyedbus.TopicConfig) 
 
 async def noop(msg: keyedbus.Message) -> None:
     pass
+
+
+def test_the_delivery_paths_message_is_the_message_its_fields_say() -> None:
+    """make_message (the delivery path's cheaper constructor) sets every field of Message, and only them."""
+    import attrs
+
+    from keyedbus._messages import make_message
+
+    fields = {f.name: f"value of {f.name}" for f in attrs.fields(keyedbus.Message)}
+    made = make_message(**fields)  # type: ignore[arg-type]
+    assert made == keyedbus.Message(**fields)  # type: ignore[arg-type]
+    assert attrs.asdict(made, recurse=False) == fields
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        made.topic = "changed"  # type: ignore[misc]

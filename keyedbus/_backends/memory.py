@@ -39,7 +39,7 @@ import trio
 
 from .._config import TopicConfig
 from .._errors import MessageTooLargeError, TopicConfigConflictError, TopicFullError
-from .._messages import Message, key_of_headers, wire_size
+from .._messages import Message, key_of_headers, make_message, wire_size
 from ._base import AtMostOnceDelivery, Inbox, Outgoing
 
 __all__ = [
@@ -214,9 +214,7 @@ class _Topic:
         "unlogged",
     )
 
-    def __init__(
-        self, name: str, config: TopicConfig, changed: _Changes, evictions: _Evictions
-    ) -> None:
+    def __init__(self, name: str, config: TopicConfig, changed: _Changes, evictions: _Evictions) -> None:
         self.name = name
         self.config = config
         self.persistent = config.persistent  # never changes (configure_topic refuses to)
@@ -594,13 +592,8 @@ class _Group:
                 continue
             count = outstanding.get(seq, 0) + 1
             outstanding[seq] = count
-            message = Message(
-                topic=topic.name,
-                data=entry.data,
-                key=key_of_headers(entry.headers),
-                headers=entry.headers,
-                attempt=count,
-                message_id=entry.message_id,
+            message = make_message(
+                topic.name, entry.data, key_of_headers(entry.headers), entry.headers, count, entry.message_id
             )
             out.append(_Delivery(self, seq, self.generation, message))
         if skipped:
@@ -1032,14 +1025,7 @@ class MemoryBackend:
         data, headers, message_id = out.data, out.headers, out.message_id
         now = self._clock.current_time()
         if not t.persistent:
-            message = Message(
-                topic=t.name,
-                data=data,
-                key=key_of_headers(headers),
-                headers=headers,
-                attempt=1,
-                message_id=message_id,
-            )
+            message = make_message(t.name, data, key_of_headers(headers), headers, 1, message_id)
             for sub in t.ephemeral_subs:
                 sub.offer(message)
             if self._changed.waiting:
