@@ -317,6 +317,8 @@ class _FakeDelivery:
     epoch: int = 0
     withdrawn: bool = False
     spillable: bool = True
+    #: What a broker that can tell still holds of what was deferred; None: it cannot tell (the grace decides).
+    holds: set[int] | None = None
     message: keyedbus.Message = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -335,7 +337,7 @@ class _FakeDelivery:
         return True
 
     def will_redeliver(self, sequence: int) -> bool | None:
-        return None  # as on JetStream: the broker cannot tell, the grace decides
+        return None if self.holds is None else sequence in self.holds
 
 
 @attrs.define(eq=False)
@@ -445,6 +447,45 @@ async def test_a_give_up_timer_firing_while_the_key_is_parked_fires_again_when_i
     assert consumer.handled == [1, 2, 3, 5]  # 4 never came back: given up once the key ran again
     assert settled == [1, 2, 3, 5]
     assert [r for r in caplog.records if "sequence 4) did not come back" in r.getMessage()]
+
+
+async def test_a_kept_message_waits_while_the_broker_holds_the_older_one_and_goes_on_once_it_settled_it(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A broker that can tell (JetStream by its ack floor, memory:// by its log) is asked again every second
+    # while a message of the key waits, kept early: the key waits as long as the older message is held
+    # (however late), and goes on within a second once the broker settled it elsewhere, not DEFER_GRACE
+    # after its due time.
+    deferred: list[int] = []
+    settled: list[int] = []
+    holds = {3, 4, 5}
+    consumer = _FakeConsumer()
+    pool = KeyedWorkerPool(keyedbus.PoolConfig(workers=1, queue_size=4), Counters())  # a parked key keeps 2
+
+    async def send(seq: int) -> None:
+        delivery = _FakeDelivery(seq, deferred, settled, holds=holds)
+        assert pool.send_nowait(0, AggregateMessage("p", delivery, consumer, delivery.message))
+        await trio.testing.wait_all_tasks_blocked()
+
+    async with trio.open_nursery() as nursery:
+        pool.start(nursery)
+        start = trio.current_time()
+        for seq in range(1, 6):
+            await send(seq)
+        assert deferred == [3, 4, 5]  # 1 failed: parked 100 s with 2; 3..5 handed back, due then
+        consumer.healed = True
+        await trio.sleep_until(start + 101)
+        await send(5)  # back before 3 and 4: kept (on its way here, it is still the broker's to settle)
+        await trio.sleep_until(start + 160)
+        assert (consumer.handled, pool.unfinished) == ([1, 2], 1)  # 3 and 4 are held: late, not lost
+        holds.discard(3)  # the broker settled 3 (another delivery of it was acked)
+        await trio.sleep_until(start + 162)
+        assert [r for r in caplog.records if "sequence 3) did not come back" in r.getMessage()]
+        assert (consumer.handled, pool.unfinished) == ([1, 2], 1)  # 4 is still held: 5 waits for it
+        await send(4)
+        assert consumer.handled == [1, 2, 4, 5]
+        assert (pool.unfinished, pool.lanes()) == (0, 0)
+        pool.close()
 
 
 # -- cancellation never loses silently -----------------------------------------------------------------
