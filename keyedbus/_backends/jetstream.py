@@ -12,6 +12,13 @@ in stream order. Other keys flow at once.
 Retries stay in this process: the pool parks the key and the message is kept alive with `in_progress()`
 heartbeats; a `nak()` would let later messages of the key overtake it. Hand-backs (unsubscribe, shutdown)
 `nak()` what is unsettled, oldest first, so the group's next subscriber gets it at once.
+
+A parked key's backlog beyond its bound is handed back with a delayed `nak()` (the pool's spill,
+`JetStreamDelivery.defer`); the pool takes those messages back oldest first. Whether one will still come
+back is read from the consumer's ack floor (`PullSubscription.will_redeliver`): after a broker restart
+JetStream may send a message again while the ack of its first delivery is on its way, and a copy deferred
+then is settled by that ack (the server ignores a nak for a sequence no longer pending) and never comes
+back; the floor passing it says so. Below the floor nothing comes back; above it, what was deferred does.
 """
 
 from __future__ import annotations
