@@ -39,7 +39,7 @@ import trio
 
 from .._config import TopicConfig
 from .._errors import MessageTooLargeError, TopicConfigConflictError, TopicFullError
-from .._messages import Message, key_of_headers, make_message, wire_size
+from .._messages import KEY_HEADER, Message, key_of_headers, make_message, wire_size
 from ._base import AtMostOnceDelivery, Inbox, Outgoing
 
 __all__ = [
@@ -375,7 +375,7 @@ class _Topic:
         return message_id in self.recent_ids
 
     def append(
-        self, data: bytes, headers: dict[str, str], message_id: str, now: float, *, remember: bool
+        self, data: bytes, headers: dict[str, str], message_id: str, now: float, remember: bool
     ) -> None:
         if self.log is _NO_LOG:
             self.log = deque()
@@ -592,9 +592,10 @@ class _Group:
                 continue
             count = outstanding.get(seq, 0) + 1
             outstanding[seq] = count
-            message = make_message(
-                topic.name, entry.data, key_of_headers(entry.headers), entry.headers, count, entry.message_id
-            )
+            headers = entry.headers
+            # Stored headers name the key KEY_HEADER (the bus checked them): key_of_headers only if absent.
+            key = headers.get(KEY_HEADER) or key_of_headers(headers)
+            message = make_message(topic.name, entry.data, key, headers, count, entry.message_id)
             out.append(_Delivery(self, seq, self.generation, message))
         if skipped:
             floor = self.floor
@@ -1037,7 +1038,7 @@ class MemoryBackend:
         # hold every message id of the last 120 s in memory (millions under load).
         if out.dedup and message_id and t.duplicate(message_id, now):
             return
-        t.append(data, headers, message_id, now, remember=out.dedup)
+        t.append(data, headers, message_id, now, out.dedup)
 
     async def subscribe(
         self, topic: str, config: TopicConfig, group: str, inbox: Inbox
