@@ -135,7 +135,7 @@ class Consumer(Generic[T]):
 
     # -- Inbox: called by the backend's subscription task ---------------------------------------------
 
-    async def deliver(self, batch: Sequence[Delivery]) -> None:
+    async def deliver(self, batch: Sequence[Delivery], *, checked: bool = False) -> None:
         """Send every delivery of `batch` into its worker's channel, in order, waiting for room.
 
         Waiting for room happens inside a `wait_timeout` cancel scope: an ephemeral message still without
@@ -143,7 +143,7 @@ class Consumer(Generic[T]):
         more from the broker (backpressure), logged once per stall. If cancelled (or the pool closed), a
         prefix of `batch` was sent and the rest is handed back: released to the broker (persistent, it stays
         unsettled and is redelivered in order to the group's next subscriber) or counted as dropped
-        (ephemeral).
+        (ephemeral). `checked`: the messages passed the header and key rules when published (see Inbox).
         """
         # Method calls, not bound methods taken first: at one message a batch (a paced publisher) the three
         # bound methods cost more than they save.
@@ -153,7 +153,7 @@ class Consumer(Generic[T]):
             for delivery in batch:
                 if not self.active:
                     break
-                item = self._item(delivery)
+                item = self._item(delivery, checked)
                 index = pool.queue_for(item)
                 if pool.send_nowait(index, item):
                     self._stalled = False
@@ -213,11 +213,13 @@ class Consumer(Generic[T]):
         """The key the bus orders `message` by (from its header, envelope or key function)."""
         return self._resolve(message)[0]
 
-    def _item(self, delivery: Delivery) -> AggregateMessage:
+    def _item(self, delivery: Delivery, checked: bool) -> AggregateMessage:
         message = delivery.message
         if self.key_fn is None and not self.envelope:
             # The common case, _resolve's first lines without its tuple: the key from the header.
             key = message.key
+            if checked:  # stored through this bus's publish checks (or a dead letter built to pass them)
+                return AggregateMessage(key, delivery, self, message, message.attempt, None)
             reason = header_problem(message.headers)
             if reason is None and key is not None:
                 reason = wire_key_problem(key)

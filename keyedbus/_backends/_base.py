@@ -124,12 +124,15 @@ class Inbox(Protocol):
     `deliver`, never a publisher's task.
     """
 
-    async def deliver(self, batch: Sequence[Delivery]) -> None:
+    async def deliver(self, batch: Sequence[Delivery], *, checked: bool = False) -> None:
         """Build each delivery's AggregateMessage and send it into its worker's queue, waiting for room.
 
         Backpressure: it returns once every delivery is queued (or, ephemeral, dropped and counted after
         `wait_timeout`). If cancelled, a prefix of `batch` was queued and the rest was handed back: released
         (persistent: left unsettled, for the broker to deliver again) or counted as dropped (ephemeral).
+        `checked`: every message was stored by a bus that applied the header and key rules when it published
+        it (memory://: nothing else can store there), so the rules for what arrives from the wire need not
+        run again; a broker others publish to (NATS) passes False.
         """
 
     def dropped(self, count: int, why: str) -> None:

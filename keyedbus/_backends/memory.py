@@ -718,7 +718,7 @@ class _Group:
             if not batch:
                 break
             took = True
-            await self.inbox.deliver(batch)
+            await self.inbox.deliver(batch, checked=True)
         return took
 
 
@@ -888,7 +888,7 @@ class _EphemeralSubscription:
             took = True
             self.in_hand = len(batch)
             try:
-                await self.inbox.deliver(batch)  # if cancelled, it counts the rest as dropped
+                await self.inbox.deliver(batch, checked=True)  # cancelled: it counts the rest as dropped
             finally:
                 self.in_hand = 0
                 if changed.waiting:
