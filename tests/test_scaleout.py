@@ -414,6 +414,50 @@ async def test_a_read_back_whose_consumer_an_operator_deletes_midway_fails_at_on
             await aio(nc.close)()
 
 
+@pytest.mark.parametrize("refusal", ["work queue", "max_consumers"])
+async def test_a_read_back_on_an_operators_stream_that_takes_no_more_consumers_reads_the_messages_one_by_one(
+    nats_server: NatsServer, refusal: str
+) -> None:
+    # keyedbus reads a topic from an operator's stream that captures it, whatever its settings. A work-queue
+    # stream refuses the read-back's own consumer (no explicit acks, a start sequence, the same filter as
+    # the group's consumer), and so does a stream at its max_consumers: the read-back failed every time, so
+    # a reader that took over unsettled messages (more than one pull request holds) handed its batch back
+    # and tried again, for good.
+    import nats
+    import nats.js.api
+
+    from keyedbus._backends._aio import aio, open_loop
+    from keyedbus._backends.jetstream import aio_read_subject
+
+    with trio.fail_after(60):
+        async with open_loop():
+            nc = await aio(nats.connect)(nats_server.url)
+            js = nc.jetstream()
+            if refusal == "work queue":
+                retention = nats.js.api.RetentionPolicy.WORK_QUEUE
+                await aio(js.add_stream)(name="OPS", subjects=["t.~0", "t.~1"], retention=retention)
+            else:
+                await aio(js.add_stream)(name="OPS", subjects=["t.~0", "t.~1"], max_consumers=1)
+            durable = nats.js.api.ConsumerConfig(durable_name="GROUP", filter_subject="t.~0")
+            await aio(js.add_consumer)("OPS", durable)  # the group's own consumer, explicit acks
+            stored: list[tuple[int, bytes]] = []
+
+            async def fill() -> None:
+                for i in range(40):
+                    subject = "t.~0" if i % 3 else "t.~1"
+                    ack = await js.publish(subject, b"%d" % i, headers={"X-Aggregate-ID": f"k{i % 7}"})
+                    if subject == "t.~0":
+                        stored.append((ack.seq, b"%d" % i))
+
+            await aio(fill)()
+            got = await aio(aio_read_subject)(nc, js, "OPS", "t.~0", 5, 30)
+            assert [(seq, m.data) for seq, m in got] == [(q, d) for q, d in stored if 5 <= q <= 30]
+            assert all(m.headers["X-Aggregate-ID"] == f"k{int(m.data) % 7}" for _, m in got)
+            info = await aio(js.stream_info)("OPS")
+            assert (info.state.consumer_count, info.state.messages) == (1, 40)  # nothing consumed or left
+            await aio(nc.close)()
+
+
 async def test_a_partition_given_up_goes_to_its_new_reader_with_what_was_queued_for_it(
     nats_server: NatsServer,
 ) -> None:

@@ -1039,7 +1039,18 @@ async def aio_read_subject(
         "inactive_threshold": int(_READ_BACK_IDLE * 1e9),
     }
     body = {"stream_name": stream, "config": config, "action": "create"}
-    info = await _scaleout.aio_api(nc, prefix, f"CONSUMER.CREATE.{stream}.{name}", body)
+    try:
+        info = await _scaleout.aio_api(nc, prefix, f"CONSUMER.CREATE.{stream}.{name}", body)
+    except _scaleout.JetStreamApiError as exc:
+        # The stream takes no consumer of ours: an operator's work-queue stream (pull consumers there must
+        # ack explicitly, deliver all and not overlap another's filter: 10084, 10099-10101) or its
+        # max_consumers (10026). Read the messages with a request each (slower, the same messages), their
+        # headers parsed as delivered ones are.
+        logger.debug("reading back %s without a consumer of its own: %s", subject, exc)
+        stored = await aio_get_subject_messages(js, stream, subject, first, last)
+        for _, raw in stored:
+            raw.headers = _natspy.stored_headers(raw, parse_header_lines)
+        return stored
     found: list[tuple[int, Any]] = []
     sub = None
     try:
