@@ -414,6 +414,56 @@ async def test_a_read_back_whose_consumer_an_operator_deletes_midway_fails_at_on
             await aio(nc.close)()
 
 
+async def test_a_read_back_ends_when_the_rest_of_its_range_is_deleted_meanwhile(
+    nats_server: NatsServer,
+) -> None:
+    # Messages still to be read back may go while the read-back streams (a limit, an operator's deletion).
+    # It trusted the count of messages left that the last message carried and pulled again every 0.5 s,
+    # getting nothing, until its 30 s limit (the partition's reading stalled meanwhile), then failed.
+    import nats
+
+    from keyedbus._backends._aio import aio, open_loop
+    from keyedbus._backends.jetstream import aio_read_subject
+
+    class RestDeletedBeforeSecondPull:
+        """The reader's connection, but the range's messages not read yet go before its second pull."""
+
+        def __init__(self, nc: Any) -> None:
+            self.nc, self.pulls = nc, 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.nc, name)
+
+        async def publish(
+            self, subject: str, payload: bytes = b"", reply: str = "", headers: Any = None
+        ) -> None:
+            if ".CONSUMER.MSG.NEXT." in subject:
+                self.pulls += 1
+                if self.pulls == 2:
+                    for seq in range(257, 601):
+                        body = json.dumps({"seq": seq}).encode()
+                        answer = await self.nc.request("$JS.API.STREAM.MSG.DELETE.READBACK", body, timeout=5)
+                        assert json.loads(answer.data).get("success") is True, answer.data
+            await self.nc.publish(subject, payload, reply=reply, headers=headers)
+
+    with trio.fail_after(90):
+        async with open_loop():
+            nc = await aio(nats.connect)(nats_server.url)
+            js = nc.jetstream()
+            await aio(js.add_stream)(name="READBACK", subjects=["t.~0"])
+
+            async def fill() -> None:
+                for i in range(600):  # sequences 1..600; a pull request brings 256
+                    await js.publish("t.~0", b"%d" % i, headers={"X-Aggregate-ID": f"k{i % 13}"})
+
+            await aio(fill)()
+            reader = RestDeletedBeforeSecondPull(nc)
+            got = await aio(aio_read_subject)(reader, js, "READBACK", "t.~0", 1, 600)
+            assert [(seq, m.data) for seq, m in got] == [(i + 1, b"%d" % i) for i in range(256)]
+            assert reader.pulls == 2  # the empty second request, then the consumer said nothing was left
+            await aio(nc.close)()
+
+
 @pytest.mark.parametrize("refusal", ["work queue", "max_consumers"])
 async def test_a_read_back_on_an_operators_stream_that_takes_no_more_consumers_reads_the_messages_one_by_one(
     nats_server: NatsServer, refusal: str

@@ -1082,6 +1082,11 @@ async def aio_read_subject(
                     if seq > last:
                         return found
                     found.append((seq, m))
+            if ended and asked == FETCH_BATCH and pending:
+                # A pull request that brought nothing: what was still to come may be gone since (a limit, a
+                # deletion), so the count the last message carried is stale; the consumer's is not.
+                state = await _scaleout.aio_api(nc, prefix, f"CONSUMER.INFO.{stream}.{name}", None)
+                pending = int(state.get("num_pending") or 0)
         return found
     finally:
         with contextlib.suppress(Exception):
