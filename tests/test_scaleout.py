@@ -361,6 +361,26 @@ async def test_a_read_back_gets_every_stored_message_of_its_subject_in_the_range
             await aio(nc.close)()
 
 
+class _BeforeSecondPull:
+    """A read-back's nats-py connection that lets a test act just before its second pull request."""
+
+    def __init__(self, nc: Any) -> None:
+        self.nc, self.pulls = nc, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.nc, name)
+
+    async def before_second_pull(self, subject: str) -> None:
+        raise NotImplementedError
+
+    async def publish(self, subject: str, payload: bytes = b"", reply: str = "", headers: Any = None) -> None:
+        if ".CONSUMER.MSG.NEXT." in subject:
+            self.pulls += 1
+            if self.pulls == 2:
+                await self.before_second_pull(subject)
+        await self.nc.publish(subject, payload, reply=reply, headers=headers)
+
+
 async def test_a_read_back_whose_consumer_an_operator_deletes_midway_fails_at_once(
     nats_server: NatsServer,
 ) -> None:
@@ -373,28 +393,16 @@ async def test_a_read_back_whose_consumer_an_operator_deletes_midway_fails_at_on
     from keyedbus._backends._aio import aio, open_loop
     from keyedbus._backends.jetstream import ConsumerGone, aio_read_subject
 
-    class DeletedBeforeSecondPull:
+    class DeletedBeforeSecondPull(_BeforeSecondPull):
         """The reader's connection, but its read-back consumer is deleted before its second pull request."""
 
-        def __init__(self, nc: Any) -> None:
-            self.nc, self.pulls = nc, 0
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.nc, name)
-
-        async def publish(
-            self, subject: str, payload: bytes = b"", reply: str = "", headers: Any = None
-        ) -> None:
-            if ".CONSUMER.MSG.NEXT." in subject:
-                self.pulls += 1
-                if self.pulls == 2:
-                    stream, name = subject.split(".")[-2:]
-                    answer = await self.nc.request(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"", timeout=5)
-                    assert json.loads(answer.data) == {
-                        "type": "io.nats.jetstream.api.v1.consumer_delete_response",
-                        "success": True,
-                    }
-            await self.nc.publish(subject, payload, reply=reply, headers=headers)
+        async def before_second_pull(self, subject: str) -> None:
+            stream, name = subject.split(".")[-2:]
+            answer = await self.nc.request(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"", timeout=5)
+            assert json.loads(answer.data) == {
+                "type": "io.nats.jetstream.api.v1.consumer_delete_response",
+                "success": True,
+            }
 
     with trio.fail_after(90):
         async with open_loop():
@@ -425,26 +433,14 @@ async def test_a_read_back_ends_when_the_rest_of_its_range_is_deleted_meanwhile(
     from keyedbus._backends._aio import aio, open_loop
     from keyedbus._backends.jetstream import aio_read_subject
 
-    class RestDeletedBeforeSecondPull:
+    class RestDeletedBeforeSecondPull(_BeforeSecondPull):
         """The reader's connection, but the range's messages not read yet go before its second pull."""
 
-        def __init__(self, nc: Any) -> None:
-            self.nc, self.pulls = nc, 0
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.nc, name)
-
-        async def publish(
-            self, subject: str, payload: bytes = b"", reply: str = "", headers: Any = None
-        ) -> None:
-            if ".CONSUMER.MSG.NEXT." in subject:
-                self.pulls += 1
-                if self.pulls == 2:
-                    for seq in range(257, 601):
-                        body = json.dumps({"seq": seq}).encode()
-                        answer = await self.nc.request("$JS.API.STREAM.MSG.DELETE.READBACK", body, timeout=5)
-                        assert json.loads(answer.data).get("success") is True, answer.data
-            await self.nc.publish(subject, payload, reply=reply, headers=headers)
+        async def before_second_pull(self, subject: str) -> None:
+            for seq in range(257, 601):
+                body = json.dumps({"seq": seq}).encode()
+                answer = await self.nc.request("$JS.API.STREAM.MSG.DELETE.READBACK", body, timeout=5)
+                assert json.loads(answer.data).get("success") is True, answer.data
 
     with trio.fail_after(90):
         async with open_loop():
