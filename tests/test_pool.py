@@ -370,6 +370,25 @@ class _FakeConsumer:
         pass
 
 
+@attrs.define(eq=False)
+class _OneWorkerFeed:
+    """One worker with room for 4 (a parked key keeps 2), fed messages of key "p" as a broker would."""
+
+    holds: set[int] | None = None  # see _FakeDelivery.holds
+    deferred: list[int] = attrs.Factory(list)
+    settled: list[int] = attrs.Factory(list)
+    consumer: _FakeConsumer = attrs.Factory(_FakeConsumer)
+    pool: KeyedWorkerPool = attrs.Factory(
+        lambda: KeyedWorkerPool(keyedbus.PoolConfig(workers=1, queue_size=4), Counters())
+    )
+
+    async def send(self, seq: int, epoch: int = 0) -> None:
+        """Hand the pool message `seq` and let it go as far as it can."""
+        delivery = _FakeDelivery(seq, self.deferred, self.settled, epoch, holds=self.holds)
+        assert self.pool.send_nowait(0, AggregateMessage("p", delivery, self.consumer, delivery.message))
+        await trio.testing.wait_all_tasks_blocked()
+
+
 async def test_a_partition_changing_hands_lets_go_of_deferred_and_kept_messages(
     autojump_clock: object,
 ) -> None:
@@ -377,15 +396,8 @@ async def test_a_partition_changing_hands_lets_go_of_deferred_and_kept_messages(
     # redelivered there. Before, messages kept early here stayed kept (the new reader held their keys as
     # owed, since they were unsettled) until DEFER_GRACE gave up on the older ones, 120 s later (torture
     # --scaleout with queue_size=8: 125-132 s instead of ~25 s).
-    deferred: list[int] = []
-    settled: list[int] = []
-    consumer = _FakeConsumer()
-    pool = KeyedWorkerPool(keyedbus.PoolConfig(workers=1, queue_size=4), Counters())  # a parked key keeps 2
-
-    async def send(seq: int, epoch: int = 0) -> None:
-        delivery = _FakeDelivery(seq, deferred, settled, epoch)
-        assert pool.send_nowait(0, AggregateMessage("p", delivery, consumer, delivery.message))
-        await trio.testing.wait_all_tasks_blocked()
+    feed = _OneWorkerFeed()
+    pool, consumer, deferred, settled, send = feed.pool, feed.consumer, feed.deferred, feed.settled, feed.send
 
     async with trio.open_nursery() as nursery:
         pool.start(nursery)
@@ -415,15 +427,8 @@ async def test_a_give_up_timer_firing_while_the_key_is_parked_fires_again_when_i
     # A deferred message kept early waits for an older one; if that one never comes back, a timer gives
     # up on it DEFER_GRACE after its due time. When the timer fired while the key was parked for a retry,
     # it was not armed again: the kept message stayed kept for good (nothing else of the key arriving).
-    deferred: list[int] = []
-    settled: list[int] = []
-    consumer = _FakeConsumer()  # fails until healed; every retry 100 s later
-    pool = KeyedWorkerPool(keyedbus.PoolConfig(workers=1, queue_size=4), Counters())  # a parked key keeps 2
-
-    async def send(seq: int) -> None:
-        delivery = _FakeDelivery(seq, deferred, settled)
-        assert pool.send_nowait(0, AggregateMessage("p", delivery, consumer, delivery.message))
-        await trio.testing.wait_all_tasks_blocked()
+    feed = _OneWorkerFeed()  # the consumer fails until healed; every retry 100 s later
+    pool, consumer, deferred, settled, send = feed.pool, feed.consumer, feed.deferred, feed.settled, feed.send
 
     async with trio.open_nursery() as nursery:
         pool.start(nursery)
@@ -456,16 +461,9 @@ async def test_a_kept_message_waits_while_the_broker_holds_the_older_one_and_goe
     # while a message of the key waits, kept early: the key waits as long as the older message is held
     # (however late), and goes on within a second once the broker settled it elsewhere, not DEFER_GRACE
     # after its due time.
-    deferred: list[int] = []
-    settled: list[int] = []
     holds = {3, 4, 5}
-    consumer = _FakeConsumer()
-    pool = KeyedWorkerPool(keyedbus.PoolConfig(workers=1, queue_size=4), Counters())  # a parked key keeps 2
-
-    async def send(seq: int) -> None:
-        delivery = _FakeDelivery(seq, deferred, settled, holds=holds)
-        assert pool.send_nowait(0, AggregateMessage("p", delivery, consumer, delivery.message))
-        await trio.testing.wait_all_tasks_blocked()
+    feed = _OneWorkerFeed(holds)
+    pool, consumer, deferred, send = feed.pool, feed.consumer, feed.deferred, feed.send
 
     async with trio.open_nursery() as nursery:
         pool.start(nursery)
