@@ -39,7 +39,7 @@ import trio
 
 from .._config import TopicConfig
 from .._errors import MessageTooLargeError, TopicConfigConflictError, TopicFullError
-from .._messages import KEY_HEADER, Message, key_of_headers, make_message, wire_size
+from .._messages import Message, key_of_headers, make_message, wire_size
 from ._base import AtMostOnceDelivery, Inbox, Outgoing
 
 __all__ = [
@@ -593,9 +593,9 @@ class _Group:
             count = outstanding.get(seq, 0) + 1
             outstanding[seq] = count
             headers = entry.headers
-            # Stored headers name the key KEY_HEADER (the bus checked them): key_of_headers only if absent.
-            key = headers.get(KEY_HEADER) or key_of_headers(headers)
-            message = make_message(topic.name, entry.data, key, headers, count, entry.message_id)
+            message = make_message(
+                topic.name, entry.data, key_of_headers(headers), headers, count, entry.message_id
+            )
             out.append(_Delivery(self, seq, self.generation, message))
         if skipped:
             floor = self.floor
