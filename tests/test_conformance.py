@@ -644,13 +644,7 @@ async def test_a_key_with_messages_deferred_to_the_broker_keeps_its_order_when_i
     with trio.fail_after(60):
         async with backend.open(pool=pool, retry=retry, drain_timeout=30) as bus:
             sub = await bus.subscribe("orders", handler, group="g")
-            await bus.publish("orders", b"0", key="poison")
-            await first_failure.wait()
-            for i in range(1, 10):
-                await bus.publish("orders", str(i).encode(), key="poison")
-            # 2 kept, 7 deferred (statistics are counters: nothing to wait on)
-            while (stats := bus.statistics()).queued != 2 or stats.lag:  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            await flood_a_parked_key(bus, first_failure)  # 2 kept, 7 deferred
             await sub.unsubscribe()
             healed = True
             await bus.subscribe("orders", handler, group="g")
@@ -658,3 +652,18 @@ async def test_a_key_with_messages_deferred_to_the_broker_keeps_its_order_when_i
             await wait_until_handled(bus)
     assert checker.violations == []
     assert checker.done["poison"] == list(range(11))
+
+
+async def flood_a_parked_key(bus: keyedbus.Bus, first_failure: trio.Event) -> None:
+    """Publish "0" of key "poison" to topic "orders", wait until its handler failed, publish "1".."9", and
+    wait until the pool holds 2 of them and the rest went back to the broker (on a pool of one worker with
+    `queue_size=4`: a parked key keeps 2).
+
+    Polls: statistics are counters, with nothing to wait on.
+    """
+    await bus.publish("orders", b"0", key="poison")
+    await first_failure.wait()
+    for i in range(1, 10):
+        await bus.publish("orders", str(i).encode(), key="poison")
+    while (stats := bus.statistics()).queued != 2 or stats.lag:  # noqa: ASYNC110
+        await trio.sleep(0.05)

@@ -361,6 +361,19 @@ async def test_a_read_back_gets_every_stored_message_of_its_subject_in_the_range
             await aio(nc.close)()
 
 
+async def _readback_stream_of_600(url: str) -> tuple[Any, Any]:
+    """(asyncio side) Connect, make stream READBACK on subject ``t.~0`` and store "0".."599" there (sequences
+    1..600, keys k0..k12): more than one read-back pull request's worth (256)."""
+    import nats
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(name="READBACK", subjects=["t.~0"])
+    for i in range(600):
+        await js.publish("t.~0", b"%d" % i, headers={"X-Aggregate-ID": f"k{i % 13}"})
+    return nc, js
+
+
 class _BeforeSecondPull:
     """A read-back's nats-py connection that lets a test act just before its second pull request."""
 
@@ -388,7 +401,6 @@ async def test_a_read_back_whose_consumer_an_operator_deletes_midway_fails_at_on
     # The read-back must then fail at once (its caller hands the batch back and tries again with a new
     # consumer). It took the server's status replies to its pull requests for ended requests and pulled
     # again, thousands of times a second, until its 30 s limit, the partition stalled meanwhile.
-    import nats
 
     from keyedbus._backends._aio import aio, open_loop
     from keyedbus._backends.jetstream import ConsumerGone, aio_read_subject
@@ -406,15 +418,7 @@ async def test_a_read_back_whose_consumer_an_operator_deletes_midway_fails_at_on
 
     with trio.fail_after(90):
         async with open_loop():
-            nc = await aio(nats.connect)(nats_server.url)
-            js = nc.jetstream()
-            await aio(js.add_stream)(name="READBACK", subjects=["t.~0"])
-
-            async def fill() -> None:
-                for i in range(600):  # more than one pull request's worth
-                    await js.publish("t.~0", b"%d" % i, headers={"X-Aggregate-ID": f"k{i % 13}"})
-
-            await aio(fill)()
+            nc, js = await aio(_readback_stream_of_600)(nats_server.url)
             reader = DeletedBeforeSecondPull(nc)
             with pytest.raises(ConsumerGone, match=r"^reading back t\.~0: its consumer KBR_\w+ was deleted"):
                 await aio(aio_read_subject)(reader, js, "READBACK", "t.~0", 1, 600)
@@ -428,7 +432,6 @@ async def test_a_read_back_ends_when_the_rest_of_its_range_is_deleted_meanwhile(
     # Messages still to be read back may go while the read-back streams (a limit, an operator's deletion).
     # It trusted the count of messages left that the last message carried and pulled again every 0.5 s,
     # getting nothing, until its 30 s limit (the partition's reading stalled meanwhile), then failed.
-    import nats
 
     from keyedbus._backends._aio import aio, open_loop
     from keyedbus._backends.jetstream import aio_read_subject
@@ -444,15 +447,7 @@ async def test_a_read_back_ends_when_the_rest_of_its_range_is_deleted_meanwhile(
 
     with trio.fail_after(90):
         async with open_loop():
-            nc = await aio(nats.connect)(nats_server.url)
-            js = nc.jetstream()
-            await aio(js.add_stream)(name="READBACK", subjects=["t.~0"])
-
-            async def fill() -> None:
-                for i in range(600):  # sequences 1..600; a pull request brings 256
-                    await js.publish("t.~0", b"%d" % i, headers={"X-Aggregate-ID": f"k{i % 13}"})
-
-            await aio(fill)()
+            nc, js = await aio(_readback_stream_of_600)(nats_server.url)
             reader = RestDeletedBeforeSecondPull(nc)
             got = await aio(aio_read_subject)(reader, js, "READBACK", "t.~0", 1, 600)
             assert [(seq, m.data) for seq, m in got] == [(i + 1, b"%d" % i) for i in range(256)]

@@ -17,7 +17,7 @@ from keyedbus._backends.jetstream import consumer_name, stream_name
 from keyedbus._pool import DEFER_GRACE, fnv1a_32
 from keyedbus.testing import NatsServer, wait_until_handled
 
-from .test_conformance import OrderChecker
+from .test_conformance import OrderChecker, flood_a_parked_key
 from .test_wire import foreign
 
 pytestmark = pytest.mark.nats
@@ -48,13 +48,7 @@ async def test_a_deferred_message_the_broker_settled_meanwhile_does_not_hold_its
     with trio.fail_after(DEFER_GRACE - 30):
         async with keyedbus.open_bus(nats_server.url, pool=pool, retry=retry, drain_timeout=30) as bus:
             await bus.subscribe("orders", handler)
-            await bus.publish("orders", b"0", key="poison")
-            await first_failure.wait()
-            for i in range(1, 10):
-                await bus.publish("orders", str(i).encode(), key="poison")
-            # 0 and 1 kept, 2..9 handed back (statistics are counters: nothing to wait on)
-            while (stats := bus.statistics()).queued != 2 or stats.lag:  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            await flood_a_parked_key(bus, first_failure)  # 0 and 1 kept, 2..9 handed back
             # Another reader acks message 5 (stream sequence 6) while it is handed back here.
             ack = f"$JS.ACK.{stream_name('orders')}.{consumer_name('orders', '')}.1.6.6.0.0"
             assert await foreign(nats_server.url, {"op": "core_publish", "subject": ack}) == [{"ok": True}]
