@@ -360,12 +360,6 @@ class _FakeConsumer:
     async def dead_letter(self, item: AggregateMessage, reason: str, failure: BaseException | None) -> None:
         raise AssertionError("nothing is dead-lettered here")
 
-    def started(self) -> None:
-        pass
-
-    def finished(self) -> None:
-        pass
-
     def released(self, item: AggregateMessage) -> None:
         pass
 
