@@ -57,7 +57,7 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import attrs
 import trio
@@ -161,7 +161,19 @@ class _Lane:
     #: at once, the rest when its retry comes).
     dropped: int = 0
     drop_logged: bool = False
+    #: A timer entry was made for it (`_add_timer`): one may outlive it, so it is never reused (see `_spare`).
+    timed: bool = False
 
+
+class _NoConsumer:
+    """What a spare lane refers to instead of a subscription (which it must not keep alive)."""
+
+    active = False
+    topic = ""
+
+
+#: The `consumer` of every spare lane.
+_NO_CONSUMER: Consumer = cast("Consumer", _NoConsumer())
 
 #: Seconds a deferred message of a parked key is handed back for at least (the broker's redelivery timer).
 _MIN_DEFER = 0.5
@@ -173,6 +185,9 @@ DEFER_GRACE = 120.0
 #: Seconds between two questions to a broker that can tell whether it will bring a deferred message back
 #: (`Delivery.will_redeliver`), while messages of its key wait for it, kept early.
 _RECHECK = 1.0
+
+#: Lanes kept for reuse at most: a lane made per message cost ~4k instructions (pool_memory, latency).
+_SPARE_MAX = 64
 
 _CHANNEL = "channel"  # a worker waiting in receive() on its own channel
 _LOT = "lot"  # a worker waiting on its parking lot: at its bound, or its channel closed
@@ -223,6 +238,10 @@ class KeyedWorkerPool:
         #: Stealable channels an idle worker was woken for (the others wait for a worker that is done).
         self._helped: set[int] = set()
         self._lanes: dict[tuple[Consumer, str], _Lane] = {}
+        #: Lanes that ended as they began (never parked, deferred or spilled, so nothing but the lane table
+        #: referred to them), for the next new key: most keys have no backlog, and a lane per message cost
+        #: more than the message's other objects. They keep no subscription alive (`_NO_CONSUMER`).
+        self._spare: list[_Lane] = []
         self._ready: deque[_Lane] = deque()
         self._running = 0
         self._timers: list[tuple[float, int, _Lane]] = []
@@ -461,7 +480,16 @@ class KeyedWorkerPool:
                 else:
                     self._hold(existing, item)
                 return
-            lane = self._lanes[lane_key] = _Lane(item.consumer, key, index)
+            spare = self._spare
+            if spare:
+                lane = spare.pop()
+                lane.consumer = item.consumer
+                lane.key = key
+                lane.worker = index
+                lane.state = "ready"
+            else:
+                lane = _Lane(item.consumer, key, index)
+            self._lanes[lane_key] = lane
         self._held[index] += 1
         lane.items.append(item)
         self._ready.append(lane)
@@ -753,6 +781,14 @@ class KeyedWorkerPool:
                 if lane.dropped:
                     self._log_dropped(lane)
                 del self._lanes[(lane.consumer, lane.key)]
+                if (
+                    not lane.timed
+                    and lane.deferred_due is _NONE_DUE
+                    and not lane.drop_logged
+                    and len(self._spare) < _SPARE_MAX
+                ):
+                    lane.consumer = _NO_CONSUMER
+                    self._spare.append(lane)
             return
         # Park the key with its later messages; they still count against their worker's bound. Beyond
         # the parked bound they are spilled, newest first, the head always kept.
@@ -772,6 +808,7 @@ class KeyedWorkerPool:
         self._add_timer(lane.due, lane)
 
     def _add_timer(self, due: float, lane: _Lane) -> None:
+        lane.timed = True  # never reused: this entry may outlive it
         heapq.heappush(self._timers, (due, next(self._tick), lane))
         if self._timer_changed:
             self._timer_changed.unpark_all()

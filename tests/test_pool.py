@@ -772,6 +772,51 @@ async def test_nothing_of_a_message_stays_alive_once_it_is_handled(autojump_cloc
         assert not [o for o in left if o.delivery.message.topic == "freed"]
 
 
+async def test_a_key_parked_then_handed_back_leaves_no_timer_that_resumes_another_key_early(
+    autojump_clock: object,
+) -> None:
+    # Lanes are reused for new keys (a lane per message cost ~2k instructions). A parked key handed back by
+    # unsubscribe leaves its retry timer behind; the keys that come next must each be retried after their
+    # own backoff, in order, once: never resumed by that timer (due 1 s before theirs), whatever lane they
+    # got.
+    retry = keyedbus.RetryPolicy(max_attempts=3, initial_backoff=5, max_backoff=5, jitter=0)
+    seen: list[tuple[str, int, int, float]] = []  # key, value, attempt, when
+
+    async def always_fails(msg: keyedbus.Message) -> None:
+        raise RuntimeError("parked")
+
+    async def handler(msg: keyedbus.Message) -> None:
+        assert msg.key is not None
+        seen.append((msg.key, int(msg.data), msg.attempt, trio.current_time()))
+        if msg.key.startswith("q") and msg.attempt == 1:
+            raise RuntimeError("fails once")
+
+    async with keyedbus.open_bus(pool=keyedbus.PoolConfig(workers=4), retry=retry) as bus:
+        sub = await bus.subscribe("orders", always_fails)
+        await bus.publish("orders", b"0", key="p")
+        await trio.testing.wait_all_tasks_blocked()
+        assert bus.statistics().parked_keys == 1
+        parked_at = trio.current_time()
+        await sub.unsubscribe()  # hands "p" back at once; its timer (due parked_at + 5) stays behind
+        await trio.sleep(1)
+        await bus.subscribe("orders", handler)
+        keys = [f"k{i}" for i in range(30)] + ["q0", "q1"]
+        for value in range(3):
+            for key in keys:
+                await bus.publish("orders", str(value).encode(), key=key)
+        with trio.fail_after(100):
+            await wait_until_handled(bus)
+    assert [w for k, v, a, w in seen if k.startswith("q") and v == 0 and a == 1] == [parked_at + 1] * 2
+    done: dict[str, list[int]] = {}
+    for key, value, attempt, when in seen:
+        if key.startswith("q") and attempt == 1:
+            (retried,) = [w for k, v, a, w in seen if k == key and v == value and a == 2]
+            assert retried >= when + 5  # its own backoff, not an earlier timer's
+            continue
+        done.setdefault(key, []).append(value)
+    assert done == {"p": [0], **{key: [0, 1, 2] for key in keys}}  # once each, in order
+
+
 def test_bus_and_subscription_have_no_public_constructor() -> None:
     with pytest.raises(
         TypeError, match=r"^keyedbus\.Bus has no public constructor: use keyedbus\.open_bus\(\)$"
