@@ -89,3 +89,21 @@ def test_the_delivery_paths_message_is_the_message_its_fields_say() -> None:
     assert attrs.asdict(made, recurse=False) == fields
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         made.topic = "changed"  # type: ignore[misc]
+
+
+async def test_the_key_only_publish_counts_the_wire_size_exactly_as_wire_size_does() -> None:
+    """The common publish (bytes and a key) knows its size without counting: the same limit holds."""
+    from keyedbus._messages import KEY_HEADER, new_message_id, wire_size
+
+    key = "order-17"
+    limit = 1000
+    # The payload that makes the message exactly `limit` bytes on the wire (the id's length is fixed).
+    fits = limit - wire_size(b"", {KEY_HEADER: key}, new_message_id())
+    async with keyedbus.open_bus(max_payload=limit) as bus:
+        await bus.publish("sized", b"x" * fits, key=key)
+        with pytest.raises(keyedbus.MessageTooLargeError):
+            await bus.publish("sized", b"x" * (fits + 1), key=key)
+        # The general path (headers given) counts with wire_size: the same bound.
+        await bus.publish("sized", b"x" * fits, key=key, headers={})
+        with pytest.raises(keyedbus.MessageTooLargeError):
+            await bus.publish("sized", b"x" * (fits + 1), key=key, headers={})

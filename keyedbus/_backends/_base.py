@@ -78,6 +78,9 @@ class Outgoing:
     message_id: str
     #: False when the id was generated for this publish: it cannot repeat, so the broker need not remember it.
     dedup: bool = True
+    #: Its `wire_size`, when the bus knew it without counting (a key and a generated id: ASCII of known
+    #: length); -1 when not.
+    size: int = -1
 
 
 @attrs.define(eq=False)

@@ -954,7 +954,9 @@ class MemoryBackend:
         await trio.lowlevel.checkpoint()
 
     def _check_size(self, out: Outgoing) -> None:
-        size = wire_size(out.data, out.headers, out.message_id)
+        size = out.size
+        if size < 0:
+            size = wire_size(out.data, out.headers, out.message_id)
         if size > self._max_payload:
             raise MessageTooLargeError(
                 f"message for topic {out.topic!r} is {size} bytes (payload {len(out.data)} + headers "
