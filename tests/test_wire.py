@@ -49,18 +49,42 @@ def test_jetstream_and_core_nats_share_a_connection_layer_without_importing_each
 
 
 FOREIGN = Path(__file__).with_name("foreign_nats.py")
+#: Seconds a foreign client may take, beyond what its operations wait on purpose ("seconds"): generous for
+#: a loaded machine (starting Python and nats-py takes ~0.5 s idle), far below CI's patience.
+FOREIGN_TIMEOUT = 60.0
 
 
 async def foreign(url: str, *ops: dict[str, Any]) -> list[Any]:
-    """Run operations in a plain nats-py client on plain asyncio, in another process (see foreign_nats.py)."""
-    done = await trio.run_process(
-        [sys.executable, str(FOREIGN), url, json.dumps(list(ops))],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
+    """Run operations in a plain nats-py client on plain asyncio, in another process (see foreign_nats.py).
+
+    A client that has not finished after `FOREIGN_TIMEOUT` seconds (plus what its operations wait on
+    purpose) is killed, and the test fails saying so: a hung foreign client never hangs the suite.
+    """
+    limit = FOREIGN_TIMEOUT + sum(float(op.get("seconds", 0)) for op in ops)
+    with trio.move_on_after(limit) as scope:
+        done = await trio.run_process(
+            [sys.executable, str(FOREIGN), url, json.dumps(list(ops))],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    if scope.cancelled_caught:
+        pytest.fail(f"the foreign client (tests/{FOREIGN.name}) did not finish within {limit} s: {list(ops)}")
     assert done.returncode == 0, done.stderr.decode()
     return [json.loads(line) for line in done.stdout.decode().splitlines()]
+
+
+async def test_a_foreign_client_that_does_not_finish_fails_the_test_saying_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No foreign client starts Python in 10 ms: this one stands for a hung one (its broker stopped, say).
+    monkeypatch.setattr(sys.modules[__name__], "FOREIGN_TIMEOUT", 0.01)
+    with trio.fail_after(30), pytest.raises(pytest.fail.Exception) as failed:
+        await foreign("nats://127.0.0.1:1", {"op": "stream_info", "name": "S"})
+    assert str(failed.value) == (
+        "the foreign client (tests/foreign_nats.py) did not finish within 0.01 s: [{'op': 'stream_info', "
+        "'name': 'S'}]"
+    )
 
 
 def _recorder() -> tuple[list[keyedbus.Message], Any]:
