@@ -194,9 +194,10 @@ class Consumer(Generic[T]):
         for delivery in rest:
             delivery.release()
 
-    def forget_deferred(self, keys: Callable[[str], bool]) -> None:
-        """Another reader gets the messages of the keys `keys` selects now: see the pool's."""
-        self._pool.forget_deferred(self, keys)
+    def forget_deferred(self, keys: Callable[[str], bool], *, lost: bool = False) -> None:
+        """Another reader gets the messages of the keys `keys` selects now (or nobody, `lost`): see the
+        pool's."""
+        self._pool.forget_deferred(self, keys, lost=lost)
 
     def dropped(self, count: int, why: str) -> None:
         """Count and log `count` ephemeral messages that were dropped."""

@@ -30,9 +30,10 @@ The shape the design card draws, all under the bus's one nursery:
   passed it (settled there: after a broker restart, another delivery of it was acked, or a limit removed
   it). A message the broker still holds is waited for, however late (behind backpressure, or a nak lost
   with a broker that went down), so no later message of its key runs before it; the timer asks again every
-  `_RECHECK` seconds while messages wait for it, kept early. Only where the broker cannot tell (a stream
-  since deleted) is it assumed lost once `DEFER_GRACE` seconds passed since its due time. So a poison key
-  flooded with messages never fills its worker's bound, and the other keys keep flowing (guarantee 3).
+  `_RECHECK` seconds while messages wait for it, kept early. A backend that lost the stream says so at once
+  (`forget_deferred(..., lost=True)`). Only where the broker cannot tell is it assumed lost once
+  `DEFER_GRACE` seconds passed since its due time. So a poison key flooded with messages never fills its
+  worker's bound, and the other keys keep flowing (guarantee 3).
 - **Workers run ready lanes, and help each other.** A worker runs the head message of a ready lane itself
   (the handler inside a cancel scope of `handler_timeout`) and settles it (ack, retry, dead-letter), so
   in the common case a message costs one task switch, as in a plain channel-per-worker pool. While a
@@ -297,23 +298,29 @@ class KeyedWorkerPool:
             if lane.state == "waiting" and lane.key is not None:
                 del self._lanes[(lane.consumer, lane.key)]
 
-    def forget_deferred(self, consumer: Consumer, keys: Callable[[str], bool]) -> None:
+    def forget_deferred(self, consumer: Consumer, keys: Callable[[str], bool], *, lost: bool = False) -> None:
         """Another reader gets `consumer`'s messages of the keys `keys` selects now (a partition changed
-        hands): their deferred messages come back there, not here.
+        hands): their deferred messages come back there, not here. `lost`: they come back nowhere (their
+        stream was deleted, or the broker restarted empty): the keys go on without them at once.
 
         Those kept early are handed back at once: the new reader holds their keys as owed (they are
         unsettled) and takes them in order; kept here, they would hold the new reader's keys until
         `DEFER_GRACE` gave up on the older ones, and then run out of order. Messages of those keys still
         on their way here (in a channel) are handed back too, behind the deferred ones; one that comes in
         a later reading (a new `Delivery.epoch`: the partition came back) finds the lane's deferrals
-        dropped, since the broker then orders the key (owed keys).
+        dropped, since the broker then orders the key (owed keys). When `lost`, those kept early are
+        handled here instead, in order (nothing older will come), and so are the key's later messages.
         """
-        self._withdrawing = True  # the backend marks what it withdraws right before it calls this
+        if not lost:
+            self._withdrawing = True  # the backend marks what it withdraws right before it calls this
         for lane in list(self._lanes.values()):
             key = lane.key
             if lane.consumer is consumer and lane.deferred is not None and key is not None and keys(key):
-                self._hand_back_kept(lane)
-                lane.gone = True
+                if lost:
+                    self._go_on_without(lane)
+                else:
+                    self._hand_back_kept(lane)
+                    lane.gone = True
 
     @property
     def unfinished(self) -> int:
@@ -617,6 +624,28 @@ class KeyedWorkerPool:
             at = due + DEFER_GRACE
             return at if at > now else now + DEFER_GRACE
         return max(due, now) + _RECHECK
+
+    def _go_on_without(self, lane: _Lane) -> None:
+        """The broker lost what `lane` deferred: take the ones kept early, in order, and go on."""
+        deferred = lane.deferred or []
+        gone = [seq for seq in deferred if seq not in lane.early]
+        if gone:
+            logger.warning(
+                "%s: %d deferred message(s) of key %s went with their stream (deleted, or the broker "
+                "restarted empty); the key goes on without them",
+                lane.consumer.topic,
+                len(gone),
+                lane.key,
+                extra={"topic": lane.consumer.topic, "key": lane.key, "count": len(gone)},
+            )
+        lane.deferred = [seq for seq in deferred if seq in lane.early]
+        for seq in gone:
+            del lane.deferred_due[seq]
+        self._take_early(lane)
+        if lane.state == "ready":
+            self._wake_one()
+        elif lane.state == "waiting" and lane.key is not None:
+            del self._lanes[(lane.consumer, lane.key)]  # kept only for what will not come
 
     def _give_up(self, lane: _Lane, lost: int) -> None:
         del lane.deferred_due[lost]

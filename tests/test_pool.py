@@ -415,6 +415,42 @@ async def test_a_partition_changing_hands_lets_go_of_deferred_and_kept_messages(
     assert settled == [1, 2, 7]
 
 
+async def test_deferred_messages_lost_with_their_stream_let_the_kept_ones_and_later_ones_run_in_order(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An operator deletes a JetStream stream and makes it again (or the broker restarts with an empty store)
+    # while a key has messages handed back: they never come back. The backend says so at once; the key runs
+    # what it kept early, in order, then the new stream's messages, instead of waiting DEFER_GRACE.
+    feed = _OneWorkerFeed()
+    pool, consumer, deferred, settled, send = feed.pool, feed.consumer, feed.deferred, feed.settled, feed.send
+    caplog.set_level(logging.WARNING, logger="keyedbus")
+
+    async with trio.open_nursery() as nursery:
+        pool.start(nursery)
+        for seq in range(1, 7):
+            await send(seq)
+        assert deferred == [3, 4, 5, 6]  # 1 failed: 1 and 2 kept, parked for 100 s; 3..6 handed back
+        consumer.healed = True
+        await trio.sleep(101)
+        assert consumer.handled == [1, 2]
+        await send(5)  # back before 3 and 4: kept
+        await send(6)
+        assert (pool.unfinished, consumer.handled) == (2, [1, 2])
+        start = trio.current_time()
+        pool.forget_deferred(consumer, lambda key: key == "p", lost=True)  # 3 and 4 went with the stream
+        await trio.testing.wait_all_tasks_blocked()
+        assert consumer.handled == [1, 2, 5, 6]
+        assert trio.current_time() == start  # at once, not after DEFER_GRACE
+        await send(1, epoch=1)  # the new stream numbers from 1 again
+        assert consumer.handled == [1, 2, 5, 6, 1]
+        assert (pool.unfinished, pool.lanes()) == (0, 0)
+        pool.close()
+    assert settled == [1, 2, 5, 6, 1]
+    assert deferred == [3, 4, 5, 6]  # nothing handed back again
+    [lost] = [r.getMessage() for r in caplog.records if "went with their stream" in r.getMessage()]
+    assert lost.startswith("orders: 2 deferred message(s) of key p went with their stream")
+
+
 async def test_a_give_up_timer_firing_while_the_key_is_parked_fires_again_when_it_resumes(
     autojump_clock: object, caplog: pytest.LogCaptureFixture
 ) -> None:

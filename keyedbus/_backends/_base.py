@@ -141,10 +141,11 @@ class Inbox(Protocol):
     def dropped(self, count: int, why: str) -> None:
         """Record `count` ephemeral messages that were dropped (at-most-once topics only)."""
 
-    def forget_deferred(self, keys: Callable[[str], bool]) -> None:
+    def forget_deferred(self, keys: Callable[[str], bool], *, lost: bool = False) -> None:
         """Another reader gets the messages of the keys `keys` selects from now on (a partition changed
         hands; the deliveries' `epoch` changes if this process reads them again): what the pool deferred
-        of them comes back there, not here. Called right after marking any delivery `withdrawn`."""
+        of them comes back there, not here. Called right after marking any delivery `withdrawn`.
+        `lost`: it comes back nowhere (its stream is gone): the keys go on without it at once."""
 
     def key_of(self, message: Message) -> str | None:
         """The key the bus orders `message` by (from its header, envelope or key function)."""

@@ -136,7 +136,9 @@ class JetStreamDelivery:
 
     def will_redeliver(self, sequence: int) -> bool | None:
         """Whether the consumer will deliver deferred `sequence` again: the ack floor says (see
-        `PullSubscription.will_redeliver`)."""
+        `PullSubscription.will_redeliver`); never if this delivery's stream is gone since."""
+        if self.epoch < self.sub.stream_epoch:
+            return False
         return self.sub.will_redeliver(sequence)
 
 
@@ -201,8 +203,11 @@ class PullSubscription:
         #: nothing at or below it is delivered again (`will_redeliver`).
         self.ack_floor = 0
         #: Counts the times this process let go of the consumer (`_let_go`): what the pool deferred before
-        #: goes to whoever reads next.
+        #: goes to whoever reads next. Also counts streams made again (`_recover`).
         self.epoch = 0
+        #: The `epoch` the current stream was first read in: deliveries of an earlier one are of a stream
+        #: since deleted (or emptied by a broker restart), and what the pool deferred of them is lost.
+        self.stream_epoch = 0
         self.last_seen = 0
         #: The consumer sequence of the newest delivery this process saw (None: not known, e.g. right after
         #: it was given the pin); a gap after it is a delivery lost on its way (see `_missed`).
@@ -545,6 +550,7 @@ class PullSubscription:
             return
         self.stream_info, self.stream = stream, stream.name
         lost = [d.seq for d in self.outstanding.values()]
+        handed_back = len(self.deferrals.keys() - self.outstanding.keys())
         if fresh:
             for delivery in self.outstanding.values():
                 delivery.settled = True  # its stream is gone: nothing to ack
@@ -553,12 +559,19 @@ class PullSubscription:
             self.owed.clear()
             self.owed_by_key.clear()
             # What the pool deferred was in the old stream: never delivered again, and the new stream's
-            # floor says nothing of it (the pool's grace decides, see `will_redeliver`).
+            # floor and sequences say nothing of it (its sequences start again at 1). A new epoch tells
+            # the two streams' deliveries apart; the pool's keys go on without the lost ones at once, so
+            # the new stream's messages of a key run, in order, instead of waiting DEFER_GRACE.
             self.deferrals.clear()
             self.ack_floor = 0
             self.conn.forget_published(self.topic)
             self.last_seen = 0
             self.lag = 0
+            self.epoch += 1
+            self.stream_epoch = self.epoch
+            if handed_back:
+                self._evicted(handed_back)  # a deletion removed them before the group handled them
+            self.inbox.forget_deferred(self._keys_read_here(), lost=True)
         logger.warning(
             "%s: recreated the consumer of group %r on %s%s",
             self.durable,
@@ -573,6 +586,13 @@ class PullSubscription:
         self.last_delivery = None  # a new consumer numbers its deliveries afresh
         self.recovering = False
         self._recover_wait = _RECOVER_FIRST
+
+    def _keys_read_here(self) -> Callable[[str], bool]:
+        """Selects the keys this subscription reads: all, or its partition's."""
+        partition, partitions = self.partition, self.stream_info.partitions(self.topic)
+        if partition is None:
+            return lambda key: True
+        return lambda key: _scaleout.partition_of(key, partitions) == partition
 
     def _room_left(self) -> int | None:
         """How many more messages a partition's reader may pull now (None: no bound, not a partition).
@@ -622,11 +642,7 @@ class PullSubscription:
         self.deferrals.clear()  # whoever reads next counts their redeliveries as attempts (conservative)
         # Messages the pool deferred go to whoever reads next: its lanes must not wait for them here.
         self.epoch += 1
-        partition, partitions = self.partition, self.stream_info.partitions(self.topic)
-        if partition is None:
-            self.inbox.forget_deferred(lambda key: True)
-        else:
-            self.inbox.forget_deferred(lambda key: _scaleout.partition_of(key, partitions) == partition)
+        self.inbox.forget_deferred(self._keys_read_here())
         self.released_pin, self.puller.pin = self.puller.pin, None
         naks = [d.raw for d in sorted(fetched, key=lambda d: d.seq)] + arrived + self.puller.leftovers()
         await self.conn.settle_now([(raw, "nak") for raw in naks])
@@ -764,8 +780,11 @@ class PullSubscription:
         """Nak `delivery` with `delay`: JetStream redelivers it no sooner (the deferral is not an attempt).
 
         A consumer with max_deliver set (by an operator; keyedbus sets none) counts these redeliveries.
+        A delivery of a stream since deleted cannot go back: it is lost with it, counted as evicted.
         """
         if delivery.settled:
+            if delivery.epoch < self.stream_epoch:
+                self._evicted(1)
             return
         delivery.settled = True
         if self.outstanding.get(delivery.seq) is delivery:
