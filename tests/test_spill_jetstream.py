@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -196,3 +197,67 @@ async def test_a_parked_keys_messages_in_a_stream_made_again_by_an_operator_run_
     assert evicted == 8 - len(poison[2:-6])
     assert handled["other"] == [0, 1, 2]
     assert [r for r in caplog.records if f"evicted {evicted} message(s) of topic orders" in r.getMessage()]
+
+
+async def test_a_copy_of_a_message_handled_here_never_holds_its_key_behind_the_ack_floor(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Around a broker restart JetStream may send a message again while the ack of its first delivery is on
+    # its way. If its key has messages handed back (a parked key's spill), the copy was handed back too, the
+    # nak ignored once the ack arrived, and the key waited for it until the consumer's ack floor passed it:
+    # seconds, or as long as any other key's older message stays unsettled. Here another key's message
+    # (sequence 1) runs until the parked key is through, so the floor stays below the copy: the key waited
+    # for good. The process knows it acked that message: it settles the copy at once.
+    from keyedbus._backends._connection import NatsConnection
+
+    backoff = 1.5
+    retry = keyedbus.RetryPolicy(max_attempts=100, initial_backoff=backoff, max_backoff=backoff, jitter=0)
+    pool = keyedbus.PoolConfig(workers=2, queue_size=4)  # a parked key keeps 2: the rest is handed back
+    handled: dict[str | None, list[int]] = {"poison": [], "other": []}
+    first_failure = trio.Event()
+    copy_came = trio.Event()
+    poison_done = trio.Event()
+    first = 2  # the stream sequence of "poison" 0
+
+    # The ack of "poison" 0 is held back (on its way, as around a broker restart) until a copy of it comes,
+    # and then reaches the server first: the copy's settle (a nak, or an ack) finds it settled.
+    send = NatsConnection.queue_settles
+    held: list[tuple[Any, str]] = []
+
+    def queue_settles(conn: NatsConnection, settles: Any) -> None:
+        out: list[tuple[Any, str]] = []
+        for raw, how in settles:
+            if raw.metadata.sequence.stream == first:
+                if how == "ack" and not held and not copy_came.is_set():
+                    held.append((raw, how))
+                    continue
+                if held:
+                    copy_came.set()
+                    out.extend(held)
+                    held.clear()
+            out.append((raw, how))
+        send(conn, out)
+
+    monkeypatch.setattr(NatsConnection, "queue_settles", queue_settles)
+
+    async def handler(msg: keyedbus.Message) -> None:
+        seq = int(msg.data)
+        if msg.key == "other":
+            await poison_done.wait()  # unsettled: the ack floor stays at 0
+        elif (seq == 0 and msg.attempt == 1) or (seq == 1 and not copy_came.is_set()):
+            first_failure.set()
+            raise RuntimeError("poison")  # parked, its backlog handed back, until the copy of 0 came
+        handled[msg.key].append(seq)
+        if msg.key == "poison" and seq == 9:
+            poison_done.set()
+
+    async with keyedbus.open_bus(
+        nats_server.url, pool=pool, retry=retry, default_topic=keyedbus.TopicConfig(ack_wait=2)
+    ) as bus:
+        with trio.fail_after(60):  # the copy comes ~ack_wait after the first delivery's last heartbeat
+            await bus.subscribe("orders", handler)
+            await bus.publish("orders", b"0", key="other")
+            await flood_a_parked_key(bus, first_failure)  # "poison" 0 at sequence 2; 2..9 handed back
+            await copy_came.wait()
+            await wait_until_handled(bus)
+    assert handled == {"poison": list(range(10)), "other": [0]}  # in order; the copy did not run again

@@ -19,6 +19,8 @@ back is read from the consumer's ack floor (`PullSubscription.will_redeliver`): 
 JetStream may send a message again while the ack of its first delivery is on its way, and a copy deferred
 then is settled by that ack (the server ignores a nak for a sequence no longer pending) and never comes
 back; the floor passing it says so. Below the floor nothing comes back; above it, what was deferred does.
+The floor passes a message only once every older one is settled, which may take long, so a copy of a
+message this process settled itself is settled again on arrival and never reaches the pool.
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ _RECOVER_FIRST = 0.25
 _RECOVER_MAX = 8.0
 #: Seconds between two eviction warnings of one subscription; each covers everything since the last.
 _EVICTION_LOG_INTERVAL = 10.0
+#: Settles of this process remembered per subscription (the newest 4,096 to 8,192), to know a copy of a
+#: message it settled (see `PullSubscription._accept`). One forgotten is handled as before: its key waits
+#: for the ack floor.
+_SETTLED_KEPT = 4096
 
 
 class ConsumerGone(Exception):
@@ -225,6 +231,8 @@ class PullSubscription:
         self._next_floor_poll = 0.0
         self._evicted_unlogged = 0
         self._evicted_logged_at = -_EVICTION_LOG_INTERVAL
+        #: How this process settled the newest stream sequences ("ack", "term"), for copies of them.
+        self._settled_here: dict[int, str] = {}
 
     # -- starting ---------------------------------------------------------------------------------------
 
@@ -563,6 +571,7 @@ class PullSubscription:
             # the two streams' deliveries apart; the pool's keys go on without the lost ones at once, so
             # the new stream's messages of a key run, in order, instead of waiting DEFER_GRACE.
             self.deferrals.clear()
+            self._settled_here.clear()  # the new stream numbers its messages from 1 again
             self.ack_floor = 0
             self.conn.forget_published(self.topic)
             self.last_seen = 0
@@ -687,6 +696,18 @@ class PullSubscription:
                 # away): keep one copy, settled through the newest delivery.
                 current.raw = m
                 continue
+            how = self._settled_here.get(seq)
+            if how is not None:
+                # A copy of a message this process handled and settled: JetStream sent it again while the
+                # settle was on its way (around a broker restart), or lost the settle. Settle it the same
+                # way at once. Queued, it would run again; or, its key having messages handed back (the
+                # pool's spill), be handed back too, the nak ignored once the settle arrived: its key then
+                # waited for it until the ack floor passed it, seconds or more behind other keys' messages.
+                self.conn.queue_settles([(m, how)])
+                key = self.owed.pop(seq, None)
+                if key is not None:  # read back as owed (a new pin): its key need not wait for it
+                    ready.extend(self._release(key))
+                continue
             attempt = max(1, delivered - self.deferrals.get(seq, 0))
             message = message_from(self.topic, m.data, m.headers, attempt)
             delivery = JetStreamDelivery(self, m, seq, message, self.epoch)
@@ -757,6 +778,11 @@ class PullSubscription:
         if self.outstanding.get(delivery.seq) is delivery:
             del self.outstanding[delivery.seq]
         self.deferrals.pop(delivery.seq, None)
+        if how != "nak":
+            done = self._settled_here
+            done[delivery.seq] = how
+            if len(done) > 2 * _SETTLED_KEPT:  # settled in about stream order: keep the newest
+                self._settled_here = dict(list(done.items())[-_SETTLED_KEPT:])
         if len(self.outstanding) <= _PARTITION_WINDOW - FETCH_BATCH:
             self._room.set()
         self.conn.queue_settles([(delivery.raw, how)])
