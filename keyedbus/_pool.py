@@ -50,7 +50,6 @@ messages get a lane of their own each, so they run concurrently with the same re
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import functools
 import heapq
@@ -145,8 +144,9 @@ class _Lane:
     due: float = 0.0
     #: The worker running its head message, while "running".
     runner: int = -1
-    #: Sequences of its messages handed back to the broker (deferred), ascending; they must come back, in
-    #: this order, before any later message of the key is held. None while there are none.
+    #: Sequences of its messages handed back to the broker (deferred), a min-heap (`heapq`: [0] is the
+    #: oldest, each step O(log n) for a flooded key); they must come back, oldest first, before any later
+    #: message of the key is held. None while there are none.
     deferred: list[int] | None = None
     #: When each deferred sequence is due back.
     deferred_due: dict[int, float] = attrs.field(default=_NONE_DUE)
@@ -544,7 +544,7 @@ class KeyedWorkerPool:
             and deferred[0] not in lane.early
             and self._lost(lane, deferred[0], now, item)
         ):
-            self._give_up(lane, deferred.pop(0))
+            self._give_up(lane, heapq.heappop(deferred))
         self._take_early(lane)
         if not lane.deferred:  # it gave up on the rest: the key is back to normal
             if self._parked_full(lane):
@@ -553,7 +553,7 @@ class KeyedWorkerPool:
                 self._hold(lane, item)
             return
         if deferred[0] == seq and not self._parked_full(lane):
-            deferred.pop(0)
+            heapq.heappop(deferred)
             del lane.deferred_due[seq]
             self._hold(lane, item)
         elif (
@@ -576,7 +576,7 @@ class KeyedWorkerPool:
         """Move the deferred messages kept in `lane.early` into the lane while they are next in order."""
         deferred = lane.deferred
         while deferred and deferred[0] in lane.early:
-            seq = deferred.pop(0)
+            seq = heapq.heappop(deferred)
             del lane.deferred_due[seq]
             self._hold(lane, self._unkeep(lane, seq))
         if not deferred:
@@ -684,7 +684,7 @@ class KeyedWorkerPool:
                 if lane.deferred_due is _NONE_DUE:
                     lane.deferred_due, lane.early = {}, {}
             if seq not in lane.deferred_due:
-                bisect.insort(lane.deferred, seq)
+                heapq.heappush(lane.deferred, seq)
             lane.deferred_due[seq] = now + delay
         else:
             self.counters.dropped += 1
@@ -848,7 +848,7 @@ class KeyedWorkerPool:
         now = trio.current_time()
         probe = next(iter(lane.early.values()), None)
         while deferred and deferred[0] not in lane.early and self._lost(lane, deferred[0], now, probe):
-            self._give_up(lane, deferred.pop(0))
+            self._give_up(lane, heapq.heappop(deferred))
         self._take_early(lane)
         if lane.early and lane.deferred:
             self._add_timer(self._look_again_at(lane, next(iter(lane.early.values())), now), lane)

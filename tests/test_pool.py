@@ -516,6 +516,38 @@ async def test_a_kept_message_waits_while_the_broker_holds_the_older_one_and_goe
         pool.close()
 
 
+async def test_a_message_deferred_after_younger_ones_of_its_key_still_comes_first(
+    autojump_clock: object,
+) -> None:
+    # A key re-parked while another key's parked message takes the worker's parked room spills its own
+    # held message, older than those it deferred before: the key's deferred sequences are no longer handed
+    # back in order (a heap keeps the oldest first), and they come back in any order.
+    feed = _OneWorkerFeed()  # the consumer fails until healed; every retry 100 s later
+    pool, consumer, deferred, settled, send = feed.pool, feed.consumer, feed.deferred, feed.settled, feed.send
+
+    async with trio.open_nursery() as nursery:
+        pool.start(nursery)
+        start = trio.current_time()
+        for seq in range(1, 6):
+            await send(seq)
+        assert deferred == [3, 4, 5]  # 1 failed: parked until 100 s with 2; 3..5 handed back
+        await trio.sleep_until(start + 50)
+        other = _FakeDelivery(10, deferred, settled)
+        assert pool.send_nowait(0, AggregateMessage("q", other, consumer, other.message))
+        await trio.testing.wait_all_tasks_blocked()  # key q fails: parked until 150 s, 1 of the 2 parked
+        await trio.sleep_until(start + 100.5)
+        assert deferred == [3, 4, 5, 2]  # 1 failed again: room for 1 parked message of p, so 2 went back
+        consumer.healed = True
+        await trio.sleep_until(start + 200.5)
+        assert consumer.handled == [10, 1]  # p waits for 2..5 to come back
+        for seq in (4, 5, 2, 3):  # back out of order: 4 and 5 kept until 2 and 3 are back
+            await send(seq)
+        assert consumer.handled == [10, 1, 2, 3, 4, 5]
+        assert (pool.unfinished, pool.lanes()) == (0, 0)
+        pool.close()
+    assert settled == [10, 1, 2, 3, 4, 5]
+
+
 # -- cancellation never loses silently -----------------------------------------------------------------
 
 
