@@ -29,6 +29,7 @@ cost, guarantee 4).
 from __future__ import annotations
 
 import contextvars
+import heapq
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -425,6 +426,7 @@ class _Group:
         "acked",
         "cursor",
         "deferred",
+        "deferred_order",
         "deferred_scope",
         "evicted_in_hand",
         "floor",
@@ -463,6 +465,10 @@ class _Group:
         self.redeliver: list[int] = []
         #: Handed back by the pool to be delivered again at a time: seq -> due (still outstanding).
         self.deferred: dict[int, float] = {}
+        #: The same as (due, seq), a heap: the next due first without a pass over every deferred message (a
+        #: flooded parked key defers thousands). May hold stale pairs (`deferred` decides). None until the
+        #: group first defers anything: an idle group stays small.
+        self.deferred_order: list[tuple[float, int]] | None = None
         self.deferred_scope: trio.CancelScope | None = None  # while a task waits to redeliver them
         self.generation = 0
         self.subscribed = False
@@ -671,7 +677,11 @@ class _Group:
             self.released(delivery)
             return
         self.outstanding[seq] -= 1  # take() adds the delivery back: the redelivery's attempt is the same
-        self.deferred[seq] = trio.current_time() + delay
+        due = trio.current_time() + delay
+        self.deferred[seq] = due
+        if self.deferred_order is None:
+            self.deferred_order = []
+        heapq.heappush(self.deferred_order, (due, seq))
         if self.deferred_scope is None:
             self.deferred_scope = trio.CancelScope()
             self.task.nursery.start_soon(self._redeliver_deferred, self.deferred_scope)
@@ -679,13 +689,29 @@ class _Group:
     async def _redeliver_deferred(self, scope: trio.CancelScope) -> None:
         """Move deferred messages to the redelivery list, in log order, as they fall due."""
         with scope:
-            while self.deferred:
-                await trio.sleep_until(min(self.deferred.values()))
+            while self.deferred:  # (skip_to replaces the dict: never held across a wait)
+                order = self.deferred_order
+                assert order is not None  # every deferred message has its pair in it
+                at, seq = order[0]
+                if self.deferred.get(seq) != at:
+                    heapq.heappop(order)  # stale: no longer deferred (skip_to evicted it)
+                    continue
+                await trio.sleep_until(at)
                 now = trio.current_time()
-                due = [seq for seq, at in self.deferred.items() if at <= now]
-                for seq in due:
-                    del self.deferred[seq]
-                self.redeliver = sorted(set(self.redeliver).union(due), reverse=True)
+                deferred = self.deferred
+                due: list[int] = []
+                while order and order[0][0] <= now:
+                    at, seq = heapq.heappop(order)
+                    if deferred.get(seq) == at:
+                        del deferred[seq]
+                        due.append(seq)
+                if not due:
+                    continue
+                if self.redeliver:
+                    self.redeliver = sorted(set(self.redeliver).union(due), reverse=True)
+                else:
+                    due.sort(reverse=True)
+                    self.redeliver = due
                 self.wake()
         if self.deferred_scope is scope:
             self.deferred_scope = None
@@ -694,6 +720,7 @@ class _Group:
         """Hand every unsettled message back, in log order, for the group's next subscriber."""
         # Deferred ones are outstanding: they go back with the rest, at once.
         self.deferred.clear()
+        self.deferred_order = None
         if self.deferred_scope is not None:
             self.deferred_scope.cancel()
             self.deferred_scope = None
