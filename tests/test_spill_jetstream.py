@@ -7,6 +7,7 @@ foreign client is plain nats-py on plain asyncio in a subprocess (tests/foreign_
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -133,14 +134,16 @@ async def test_a_flooded_poison_key_keeps_every_keys_order_across_a_broker_kill_
     assert {key: checker.done[key] for key in keys} == {key: list(range(10)) for key in keys}
 
 
+@pytest.mark.parametrize("remade_by", ["operator", "empty-restart"])
 async def test_a_parked_keys_messages_in_a_stream_made_again_by_an_operator_run_promptly_and_in_order(
-    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture, remade_by: str
 ) -> None:
     # A parked key's backlog beyond its bound is handed back to the broker (delayed naks), and the key then
-    # waits for those messages, oldest first. An operator deletes the stream and makes it again meanwhile:
-    # what was handed back went with the old stream and never comes back. The key waited DEFER_GRACE (120 s)
-    # for it, though the new stream's messages of the key were there (and taken for the old ones where
-    # their stream sequences matched). The backend knows: the stream's creation time changed.
+    # waits for those messages, oldest first. An operator deletes the stream and makes it again meanwhile
+    # (or the broker restarts with an empty store, and keyedbus makes it again): what was handed back went
+    # with the old stream and never comes back. The key waited DEFER_GRACE (120 s) for it, though the new
+    # stream's messages of the key were there (and taken for the old ones where their stream sequences
+    # matched). The backend knows: the stream's creation time changed.
     backoff = 4.0
     retry = keyedbus.RetryPolicy(max_attempts=100, initial_backoff=backoff, max_backoff=backoff, jitter=0)
     pool = keyedbus.PoolConfig(workers=2, queue_size=4)  # a parked key keeps 2: the rest is handed back
@@ -167,12 +170,19 @@ async def test_a_parked_keys_messages_in_a_stream_made_again_by_an_operator_run_
         with trio.fail_after(60):
             await bus.subscribe("orders", handler)
             await flood_a_parked_key(bus, first_failure)  # 0 and 1 kept, 2..9 (sequences 3..10) handed back
-            done = await foreign(
-                nats_server.url,
-                {"op": "delete_stream", "name": name},
-                {"op": "add_stream", "config": {"name": name, "subjects": ["orders"]}},
-            )
-            assert done[0] == {"ok": True}
+            if remade_by == "operator":
+                done = await foreign(
+                    nats_server.url,
+                    {"op": "delete_stream", "name": name},
+                    {"op": "add_stream", "config": {"name": name, "subjects": ["orders"]}},
+                )
+                assert done[0] == {"ok": True}
+            else:
+                nats_server.kill()
+                await trio.to_thread.run_sync(shutil.rmtree, nats_server.store)
+                await trio.to_thread.run_sync(nats_server.start)
+                while not bus.statistics().connected:  # noqa: ASYNC110 - nats-py reconnects by itself
+                    await trio.sleep(0.01)
             # In the new stream, sequences 1..3 go to another key; 4..9 are the parked key's, where the old
             # stream had messages handed back.
             for i in range(3):
