@@ -638,7 +638,7 @@ class KeyedWorkerPool:
                 lane.key,
                 extra={"topic": lane.consumer.topic, "key": lane.key, "count": len(gone)},
             )
-        lane.deferred = [seq for seq in deferred if seq in lane.early]
+        lane.deferred = sorted(seq for seq in deferred if seq in lane.early)  # sorted: still a heap
         for seq in gone:
             del lane.deferred_due[seq]
         self._take_early(lane)
