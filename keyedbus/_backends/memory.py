@@ -138,6 +138,16 @@ class _Delivery:
         return self.generation
 
 
+@attrs.define(eq=False)
+class _Redelivery(_Delivery):
+    """A deferred message delivered again, with its log entry: deferring it again (its key still parked) keeps
+    the entry without indexing the log, a deque indexed in O(distance from its nearer end): behind a
+    long-parked key the log holds a marker per settled message, and each index into its middle walked
+    hundreds of cold blocks."""
+
+    entry: _Entry
+
+
 #: What stands in the log for a message every group has settled while an older one is not (interest
 #: retention): its body and everything it pinned are freed; only the slot keeps the log indexed by sequence.
 #: Its stored_at is -inf so a max_age pass drops it with the evicted ones (it never counts as evicted).
@@ -426,6 +436,7 @@ class _Group:
         "acked",
         "cursor",
         "deferred",
+        "deferred_entries",
         "deferred_order",
         "deferred_scope",
         "evicted_in_hand",
@@ -469,6 +480,9 @@ class _Group:
         #: flooded parked key defers thousands). May hold stale pairs (`deferred` decides). None until the
         #: group first defers anything: an idle group stays small.
         self.deferred_order: list[tuple[float, int]] | None = None
+        #: The log entries of the deferred messages (and of those due, until taken): see _Redelivery. None
+        #: while there are none.
+        self.deferred_entries: dict[int, _Entry] | None = None
         self.deferred_scope: trio.CancelScope | None = None  # while a task waits to redeliver them
         self.generation = 0
         self.subscribed = False
@@ -555,6 +569,8 @@ class _Group:
         self.outstanding = {s: n for s, n in self.outstanding.items() if s >= first}
         self.redeliver = [s for s in self.redeliver if s >= first]
         self.deferred = {s: due for s, due in self.deferred.items() if s >= first}
+        if self.deferred_entries is not None:
+            self.deferred_entries = {s: e for s, e in self.deferred_entries.items() if s >= first} or None
         if self.handed_back is not None:
             self.handed_back = {s for s in self.handed_back if s >= first} or None
 
@@ -587,10 +603,14 @@ class _Group:
         while len(out) < limit and (redeliver or self.cursor < end):
             if redeliver:
                 seq = redeliver.pop()
+                entries = self.deferred_entries
+                kept = entries.pop(seq, None) if entries else None
+                entry = log[seq - first] if kept is None else kept
             else:
                 seq = self.cursor
                 self.cursor += 1
-            entry = log[seq - first]
+                kept = None
+                entry = log[seq - first]
             if entry is _GONE:
                 # Every group that existed when it was settled had settled it; this one came later (see
                 # __init__): gone counts as settled for every group (has_settled, _raise_floor).
@@ -602,7 +622,10 @@ class _Group:
             message = make_message(
                 topic.name, entry.data, key_of_headers(headers), headers, count, entry.message_id
             )
-            out.append(_Delivery(self, seq, self.generation, message))
+            if kept is None:
+                out.append(_Delivery(self, seq, self.generation, message))
+            else:
+                out.append(_Redelivery(self, seq, self.generation, message, kept))
         if skipped:
             floor = self.floor
             self._raise_floor()
@@ -694,6 +717,14 @@ class _Group:
             self.released(delivery)
             return
         self.outstanding[seq] -= 1  # take() adds the delivery back: the redelivery's attempt is the same
+        if self.deferred_entries is None:
+            self.deferred_entries = {}
+        topic = self.topic
+        # Outstanding, so in the log (neither evicted nor settled). A first deferral is of a message just
+        # delivered, near the log's end: cheap to index.
+        self.deferred_entries[seq] = (
+            delivery.entry if isinstance(delivery, _Redelivery) else topic.log[seq - topic.head]
+        )
         due = trio.current_time() + delay
         self.deferred[seq] = due
         if self.deferred_order is None:
@@ -738,6 +769,7 @@ class _Group:
         # Deferred ones are outstanding: they go back with the rest, at once.
         self.deferred.clear()
         self.deferred_order = None
+        self.deferred_entries = None  # all go back through the log
         if self.deferred_scope is not None:
             self.deferred_scope.cancel()
             self.deferred_scope = None
