@@ -60,6 +60,38 @@ async def test_publish_and_consume_on_both_persistences(nats_server: NatsServer)
     assert got == {"ephemeral": expected, "persistent": expected}
 
 
+async def test_an_error_asyncio_reports_from_a_callback_is_logged_and_the_bus_goes_on(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # When a server of a cluster goes down, a closed socket's pending write callback reports EBADF through
+    # asyncio's exception handler; trio-asyncio's default handler raised it out of open_bus, and a consumer
+    # process crashed (seen once in CI, tests/test_scaleout.py's server kill). Plain asyncio, which nats-py
+    # is written for, logs it and goes on.
+    got: list[bytes] = []
+    handled = trio.Event()
+
+    async def handler(msg: keyedbus.Message) -> None:
+        got.append(msg.data)
+        handled.set()
+
+    with trio.fail_after(30):
+        async with keyedbus.open_bus(nats_server.url) as bus:
+            await bus.subscribe("orders", handler)
+            loop = trio_asyncio.current_loop.get()
+            loop.call_exception_handler(
+                {
+                    "message": "Exception in callback _write_sendmsg()",
+                    "exception": OSError(9, "Bad file descriptor"),
+                }
+            )
+            await bus.publish("orders", b"after", key="k")
+            await handled.wait()
+            assert bus.statistics().connected
+    assert got == [b"after"]
+    [logged] = [r for r in caplog.records if r.name == "asyncio" and "_write_sendmsg" in r.getMessage()]
+    assert isinstance(logged.exc_info and logged.exc_info[1], OSError)
+
+
 async def test_a_retried_publish_is_stored_once_on_jetstream(nats_server: NatsServer) -> None:
     got: list[bytes] = []
     second = trio.Event()

@@ -10,7 +10,8 @@ anything on a loop that no longer runs.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
 import outcome
@@ -25,8 +26,14 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def open_loop() -> Any:
+@contextlib.asynccontextmanager
+async def open_loop() -> AsyncIterator[Any]:
     """The trio-asyncio loop every nats-py call runs on; open it outside the bus's nursery.
+
+    An error asyncio reports from a callback (`call_exception_handler`) is logged, as plain asyncio does,
+    not raised: trio-asyncio's default raises it into the loop's nursery, which ended the whole bus. nats-py
+    relies on asyncio's behaviour, e.g. when a server goes down, a closed socket's pending write callback
+    reports EBADF and nats-py reconnects on its own. keyedbus's own calls get their errors through `aio`.
 
     The loop's task is protected from KeyboardInterrupt, as trio protects its own machinery: trio then
     raises a Ctrl+C in the main task (the user's code, at its next checkpoint), which cancels the bus in
@@ -38,7 +45,14 @@ def open_loop() -> Any:
     main_loop = getattr(trio_asyncio.TrioEventLoop, "_main_loop", None)
     if main_loop is not None and hasattr(main_loop, "__code__"):
         trio.lowlevel.enable_ki_protection(main_loop)
-    return trio_asyncio.open_loop()
+    async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(_log_only)
+        yield loop
+
+
+def _log_only(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Log an error asyncio reports, as plain asyncio's loop does, and go on."""
+    asyncio.BaseEventLoop.default_exception_handler(loop, context)  # type: ignore[arg-type]
 
 
 def loop_running() -> bool:
