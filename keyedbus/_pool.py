@@ -17,7 +17,8 @@ The shape the design card draws, all under the bus's one nursery:
   later messages are *spilled*, never its neighbours': on an ephemeral topic dropped (counted in
   `dropped`; the first of a parking logged at once, the rest when its retry comes); on a persistent topic
   handed back to the broker with `Delivery.defer`, due no sooner than the key's retry (a JetStream nak
-  with a delay; memory:// redelivers it from its log), not counted as an attempt. A key with deferred
+  with a delay; memory:// redelivers it from its log), not counted as an attempt; later than that, more
+  so with each failure in a row, while the key keeps failing (`_hold_longer`). A key with deferred
   messages then hands back every later message too and takes the deferred ones back oldest first, so its
   order holds (guarantee 1). Deferred messages may come back out of order (JetStream redelivers a round of
   delayed naks in no particular order; one deferred again behind a later retry comes back after younger
@@ -164,6 +165,10 @@ class _Lane:
     drop_logged: bool = False
     #: A timer entry was made for it (`_add_timer`): one may outlive it, so it is never reused (see `_spare`).
     timed: bool = False
+    #: Something was spilled since its head last succeeded (or since it began).
+    spilled: bool = False
+    #: Seconds its spilled messages are handed back for beyond its retry (see `_hold_longer`).
+    hold: float = 0.0
 
 
 class _NoConsumer:
@@ -670,13 +675,14 @@ class KeyedWorkerPool:
         """Hand `item` back to the broker, due after the key's retry (persistent), or drop it (ephemeral)."""
         now = trio.current_time()
         if lane.state == "parked":
-            delay = lane.due - now
+            delay = lane.due - now + lane.hold
         elif lane.deferred:
             delay = lane.deferred_due[lane.deferred[0]] - now  # behind the oldest deferred one
         else:
             delay = 0.0
         delay = max(delay, _MIN_DEFER)
         if item.delivery.defer(delay):
+            lane.spilled = True
             seq = item.delivery.sequence
             if lane.deferred is None:
                 lane.epoch = item.delivery.epoch
@@ -795,6 +801,8 @@ class KeyedWorkerPool:
         if delay is None:
             lane.items.popleft()
             self._held[lane.worker] -= 1
+            if lane.spilled:
+                lane.spilled, lane.hold = False, 0.0  # it recovered: the next failure starts afresh
             if self._withdrawing:
                 while lane.items and lane.items[0].delivery.withdrawn:  # the key's later ones go back too
                     self._release(lane.items.popleft())
@@ -823,6 +831,8 @@ class KeyedWorkerPool:
         # the parked bound they are spilled, newest first, the head always kept.
         lane.state = "parked"
         lane.due = trio.current_time() + delay
+        if lane.spilled:
+            self._hold_longer(lane)
         worker = lane.worker
         room = max(1, self._parked_room(worker))
         if len(lane.items) > room and lane.consumer.active and lane.items[-1].delivery.spillable:
@@ -835,6 +845,20 @@ class KeyedWorkerPool:
         self._parked[worker] += len(lane.items)
         self.counters.parked_keys += 1
         self._add_timer(lane.due, lane)
+
+    @staticmethod
+    def _hold_longer(lane: _Lane) -> None:
+        """`lane` failed again with messages spilled: hand its spills back for longer beyond its retry.
+
+        Its deferred messages come back when its retry is due; if that retry fails too, each is handed
+        back again (a redelivery and a deferral apiece, a JetStream nak on NATS), and a key flooded with
+        thousands did that at every retry: work in proportion to backlog times retries, taken from the
+        other keys. Doubling the extra wait at each failure (from `_MIN_DEFER`) bounces them a few times,
+        then about once per the policy's `max_backoff` (at most that much extra): what it costs is that a key
+        which recovers may wait up to that long for the messages it deferred (those it held run meanwhile).
+        """
+        cap = max(lane.consumer.retry.max_backoff, _MIN_DEFER)
+        lane.hold = min(max(2 * lane.hold, _MIN_DEFER), cap)
 
     def _add_timer(self, due: float, lane: _Lane) -> None:
         lane.timed = True  # never reused: this entry may outlive it

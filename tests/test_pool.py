@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import heapq
 import logging
 import sys
+from collections.abc import Callable
 
 import attrs
 import pytest
@@ -307,6 +309,76 @@ async def test_a_flooded_failing_key_keeps_every_keys_order_across_unsubscribe_a
     assert took < DEFER_GRACE
 
 
+async def test_a_spill_due_sooner_comes_back_sooner_than_one_memory_already_waits_for(
+    autojump_clock: object,
+) -> None:
+    # memory:// redelivers deferred messages from one task per group, which slept until the due time it had
+    # chosen: a key parked for 1 s had its spilled messages back only when another key's, deferred for 100 s,
+    # fell due.
+    retry = keyedbus.RetryPolicy(
+        max_attempts=100, initial_backoff=1, multiplier=10, max_backoff=1000, jitter=0
+    )
+    handled: list[tuple[bytes, float]] = []
+
+    async def handler(msg: keyedbus.Message) -> None:
+        if msg.key == "a" or (msg.data == b"b0" and msg.attempt == 1):
+            raise RuntimeError("poison")
+        handled.append((msg.data, trio.current_time()))
+
+    pool = keyedbus.PoolConfig(workers=1, queue_size=8)  # parked keys keep 4: the rest is spilled
+    async with keyedbus.open_bus(pool=pool, retry=retry, drain_timeout=0) as bus:
+        await bus.subscribe("orders", handler)
+        for i in range(4):
+            await bus.publish("orders", b"a%d" % i, key="a")
+        await trio.sleep(12)  # a0 failed at 0, 1 and 11 s: a is parked until 111 s, holding a0..a3
+        start = trio.current_time()
+        for i in (4, 5):
+            await bus.publish("orders", b"a%d" % i, key="a")  # spilled, due at 111 s
+        for i in range(4):
+            await bus.publish("orders", b"b%d" % i, key="b")  # b0 fails once: b1..b3 spilled, due in 1 s
+        await trio.sleep(30)
+        assert [data for data, _ in handled] == [b"b0", b"b1", b"b2", b"b3"]
+        assert all(at - start < 2 for _, at in handled)
+
+
+async def test_a_flooded_failing_keys_deferred_messages_come_back_less_often_as_it_keeps_failing(
+    autojump_clock: object,
+) -> None:
+    # A key parked with messages deferred to the broker gets them back when its retry is due; if the retry
+    # fails, each is handed back again (a redelivery and a deferral apiece: a JetStream nak). Each retry did
+    # that for every deferred message, so a flooded key that kept failing cost work in proportion to its
+    # backlog times its retries (poison_isolation: hundreds a run). The extra wait doubles with each
+    # failure, up to the policy's max_backoff, which bounds how long a key that recovers waits for them.
+    redeliveries: list[tuple[float, int]] = []
+    feed = _OneWorkerFeed(on_defer=lambda seq, due: heapq.heappush(redeliveries, (due, seq)))
+    feed.consumer.retry = keyedbus.RetryPolicy(
+        max_attempts=100_000, initial_backoff=0.1, multiplier=1, max_backoff=8, jitter=0
+    )
+
+    async def broker(until: float) -> None:
+        """Deliver each deferred message again when it is due, until `until`."""
+        while redeliveries and redeliveries[0][0] <= until:
+            due, seq = heapq.heappop(redeliveries)
+            await trio.sleep_until(due)
+            await feed.send(seq)
+
+    async with trio.open_nursery() as nursery:
+        feed.pool.start(nursery)
+        for seq in range(1, 11):
+            await feed.send(seq)
+        assert feed.deferred == [3, 4, 5, 6, 7, 8, 9, 10]  # 1 failed: 1 and 2 kept, every 0.1 s retried
+        await broker(until=120)  # 1,200 failed retries
+        # Once per retry was 1,200 deferrals each; doubling from 0.5 s, capped at 8 s, it is about 20.
+        assert len(feed.deferred) <= 8 * 25
+        feed.consumer.healed = True
+        healed = trio.current_time()
+        await broker(until=float("inf"))
+        assert feed.consumer.handled == list(range(1, 11))
+        assert trio.current_time() - healed <= 0.1 + 8  # its retry, then the longest extra wait
+        assert (feed.pool.unfinished, feed.pool.lanes()) == (0, 0)
+        feed.pool.close()
+
+
 @attrs.define(eq=False)
 class _FakeDelivery:
     """A persistent delivery as the pool sees it, recording deferrals (a broker's nak with a delay)."""
@@ -332,8 +404,13 @@ class _FakeDelivery:
     def release(self) -> None:
         pass
 
+    #: Called with (sequence, due time) at each deferral: a broker that redelivers it then.
+    on_defer: Callable[[int, float], object] | None = None
+
     def defer(self, delay: float) -> bool:
         self.deferred.append(self.sequence)
+        if self.on_defer is not None:
+            self.on_defer(self.sequence, trio.current_time() + delay)
         return True
 
     def will_redeliver(self, sequence: int) -> bool | None:
@@ -369,6 +446,7 @@ class _OneWorkerFeed:
     """One worker with room for 4 (a parked key keeps 2), fed messages of key "p" as a broker would."""
 
     holds: set[int] | None = None  # see _FakeDelivery.holds
+    on_defer: Callable[[int, float], object] | None = None  # see _FakeDelivery.on_defer
     deferred: list[int] = attrs.Factory(list)
     settled: list[int] = attrs.Factory(list)
     consumer: _FakeConsumer = attrs.Factory(_FakeConsumer)
@@ -378,7 +456,9 @@ class _OneWorkerFeed:
 
     async def send(self, seq: int, epoch: int = 0) -> None:
         """Hand the pool message `seq` and let it go as far as it can."""
-        delivery = _FakeDelivery(seq, self.deferred, self.settled, epoch, holds=self.holds)
+        delivery = _FakeDelivery(
+            seq, self.deferred, self.settled, epoch, holds=self.holds, on_defer=self.on_defer
+        )
         assert self.pool.send_nowait(0, AggregateMessage("p", delivery, self.consumer, delivery.message))
         await trio.testing.wait_all_tasks_blocked()
 

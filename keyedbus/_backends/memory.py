@@ -439,6 +439,7 @@ class _Group:
         "deferred_entries",
         "deferred_order",
         "deferred_scope",
+        "deferred_wait",
         "evicted_in_hand",
         "floor",
         "generation",
@@ -484,6 +485,8 @@ class _Group:
         #: while there are none.
         self.deferred_entries: dict[int, _Entry] | None = None
         self.deferred_scope: trio.CancelScope | None = None  # while a task waits to redeliver them
+        #: The wait for the next one due, while the task waits: an earlier deferral moves its deadline.
+        self.deferred_wait: trio.CancelScope | None = None
         self.generation = 0
         self.subscribed = False
         self.inbox: Inbox | None = None  # set while subscribed and not stopped
@@ -730,6 +733,9 @@ class _Group:
         if self.deferred_order is None:
             self.deferred_order = []
         heapq.heappush(self.deferred_order, (due, seq))
+        wait = self.deferred_wait
+        if wait is not None and due < wait.deadline:
+            wait.deadline = due  # due before what the task waits for (a hand-back at once, say)
         if self.deferred_scope is None:
             self.deferred_scope = trio.CancelScope()
             self.task.nursery.start_soon(self._redeliver_deferred, self.deferred_scope)
@@ -744,7 +750,9 @@ class _Group:
                 if self.deferred.get(seq) != at:
                     heapq.heappop(order)  # stale: no longer deferred (skip_to evicted it)
                     continue
-                await trio.sleep_until(at)
+                with trio.move_on_at(at) as self.deferred_wait:
+                    await trio.sleep_forever()
+                self.deferred_wait = None
                 now = trio.current_time()
                 deferred = self.deferred
                 due: list[int] = []
@@ -773,6 +781,7 @@ class _Group:
         if self.deferred_scope is not None:
             self.deferred_scope.cancel()
             self.deferred_scope = None
+            self.deferred_wait = None
         self.generation += 1
         self.redeliver = sorted(set(self.outstanding) | set(self.redeliver), reverse=True)
         self.handed_back = None  # redeliver has them now
