@@ -547,9 +547,9 @@ class KeyedWorkerPool:
             deferred
             and deferred[0] != seq
             and deferred[0] not in lane.early
-            and self._lost(lane, deferred[0], now, item)
+            and (why := self._lost(lane, deferred[0], now, item)) is not None
         ):
-            self._give_up(lane, heapq.heappop(deferred))
+            self._give_up(lane, heapq.heappop(deferred), why)
         self._take_early(lane)
         if not lane.deferred:  # it gave up on the rest: the key is back to normal
             if self._parked_full(lane):
@@ -604,9 +604,10 @@ class KeyedWorkerPool:
                 self._release(item)  # cannot happen: only what a broker took back once is kept
 
     @staticmethod
-    def _lost(lane: _Lane, seq: int, now: float, probe: AggregateMessage | None) -> bool:
-        """Whether deferred `seq` of `lane` will not come back: the broker says so (`probe`, a message of
-        the same subscription, asks it), or, where it cannot tell, `DEFER_GRACE` has passed since it was due.
+    def _lost(lane: _Lane, seq: int, now: float, probe: AggregateMessage | None) -> str | None:
+        """Why deferred `seq` of `lane` will not come back, or None while it may: the broker says so
+        (`probe`, a message of the same subscription, asks it), or, where it cannot tell, `DEFER_GRACE` has
+        passed since it was due.
 
         A broker that can tell is trusted over the clock: a deferred message may come back long after its
         due time without being lost (the subscription waits for room in the worker queues meanwhile), and
@@ -614,8 +615,18 @@ class KeyedWorkerPool:
         """
         known = None if probe is None else probe.delivery.will_redeliver(seq)
         if known is not None:
-            return not known
-        return now >= lane.deferred_due[seq] + DEFER_GRACE
+            if known:
+                return None
+            return (
+                "will not come back: the broker no longer holds it (settled elsewhere, evicted by a limit, "
+                "or its stream deleted)"
+            )
+        if now < lane.deferred_due[seq] + DEFER_GRACE:
+            return None
+        return (
+            f"did not come back within {DEFER_GRACE} s of its due time, and the broker cannot tell whether "
+            "it still holds it (evicted by a limit, or its stream deleted?)"
+        )
 
     @staticmethod
     def _look_again_at(lane: _Lane, probe: AggregateMessage, now: float) -> float:
@@ -652,15 +663,14 @@ class KeyedWorkerPool:
         elif lane.state == "waiting" and lane.key is not None:
             del self._lanes[(lane.consumer, lane.key)]  # kept only for what will not come
 
-    def _give_up(self, lane: _Lane, lost: int) -> None:
+    def _give_up(self, lane: _Lane, lost: int, why: str) -> None:
         del lane.deferred_due[lost]
         logger.warning(
-            "%s: a deferred message of key %s (sequence %d) did not come back within %s s of its due time "
-            "(evicted by a limit, or its stream deleted?); the key goes on without it",
+            "%s: a deferred message of key %s (sequence %d) %s; the key goes on without it",
             lane.consumer.topic,
             lane.key,
             lost,
-            DEFER_GRACE,
+            why,
             extra={"topic": lane.consumer.topic, "key": lane.key},
         )
 
@@ -871,8 +881,12 @@ class KeyedWorkerPool:
         deferred = lane.deferred
         now = trio.current_time()
         probe = next(iter(lane.early.values()), None)
-        while deferred and deferred[0] not in lane.early and self._lost(lane, deferred[0], now, probe):
-            self._give_up(lane, heapq.heappop(deferred))
+        while (
+            deferred
+            and deferred[0] not in lane.early
+            and (why := self._lost(lane, deferred[0], now, probe)) is not None
+        ):
+            self._give_up(lane, heapq.heappop(deferred), why)
         self._take_early(lane)
         if lane.early and lane.deferred:
             self._add_timer(self._look_again_at(lane, next(iter(lane.early.values())), now), lane)
