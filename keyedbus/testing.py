@@ -37,10 +37,24 @@ def _binary() -> str:
     return found
 
 
+#: Every port `free_port` has returned in this process: it never returns one twice.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A 127.0.0.1 TCP port nothing listens on now, never one this process was given before.
+
+    The port is closed again when this returns, so another process may take it before yours binds it (see
+    `NatsServer.start`, which then tries another). Within one process the kernel may hand out a port it just
+    gave and that is still unbound (a cluster's route ports, then a server's client port): those are skipped.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 class NatsServer:
@@ -61,6 +75,22 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        """Start the server and return once it accepts clients; raise RuntimeError (with its log) if not.
+
+        On its first start, a port another process took meanwhile (see `free_port`) is replaced by a new
+        one, up to three times; a restart keeps its port, as clients expect. A server that failed to start
+        is not left running.
+        """
+        for _ in range(3 if self.process is None else 0):
+            try:
+                self._start()
+            except _PortTaken:
+                self.port = free_port()
+            else:
+                return
+        self._start()
+
+    def _start(self) -> None:
         command = [
             _binary(),
             "-a",
@@ -86,7 +116,15 @@ class NatsServer:
             if b"Server is ready" in line:
                 break
         else:
-            raise RuntimeError(f"nats-server did not start on port {self.port}:\n{''.join(seen)}")
+            # It exited (or will not start): reap it and close its log, so nothing of it is left behind.
+            if self.process.poll() is None:
+                self.process.kill()
+            self.process.wait()
+            self.process.stderr.close()
+            log = "".join(seen)
+            if "address already in use" in log and f"127.0.0.1:{self.port}" in log:
+                raise _PortTaken(log)
+            raise RuntimeError(f"nats-server did not start on port {self.port}:\n{log}")
         # Keep reading its log so a full pipe can never block the server.
         self._drain = threading.Thread(
             target=shutil.copyfileobj, args=(self.process.stderr, _Null()), daemon=True
@@ -125,6 +163,10 @@ class NatsServer:
             except subprocess.TimeoutExpired:
                 self.kill()
         self._close_log()
+
+
+class _PortTaken(RuntimeError):
+    """nats-server could not listen on its client port: another process took it."""
 
 
 class _Null:

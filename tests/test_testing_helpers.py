@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 import trio
 
 import keyedbus
-from keyedbus.testing import OrderChecker, wait_until_handled
+from keyedbus.testing import NatsServer, OrderChecker, wait_until_handled
 
 pytest_plugins = ["pytester"]
 
@@ -86,3 +89,28 @@ async def test_the_order_checker_catches_reordering_and_missing_messages() -> No
         checker.assert_in_order()
     assert "b'3' handled where b'2' was next" in str(info.value)
     assert "never handled" in str(info.value)
+
+
+def test_a_nats_server_whose_port_was_taken_meanwhile_starts_on_another(tmp_path: Path) -> None:
+    # free_port() closes the port it found, so another process may bind it before nats-server does (the CI
+    # rehearsal of 2026-12-02: a three-node cluster test failed, "bind: address already in use", and the
+    # server that failed was left unreaped). A first start now takes another port.
+    server = NatsServer(tmp_path / "js")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", server.port))
+        taken.listen()
+        with server:
+            assert server.running
+            assert server.port != taken.getsockname()[1]
+            assert server.url == f"nats://127.0.0.1:{server.port}"
+
+
+def test_a_nats_server_that_cannot_start_raises_with_its_log_and_is_not_left_running(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "js", args=("--no-such-flag",))
+    with pytest.raises(RuntimeError, match=f"nats-server did not start on port {server.port}") as raised:
+        server.start()
+    assert "no-such-flag" in str(raised.value)  # its own log says why
+    assert server.process is not None
+    assert server.process.returncode is not None  # reaped: not a zombie, no ResourceWarning
+    assert server.process.stderr is not None
+    assert server.process.stderr.closed
