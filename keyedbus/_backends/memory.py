@@ -35,7 +35,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from itertools import islice
 
-import attrs
 import trio
 
 from .._config import TopicConfig
@@ -80,23 +79,16 @@ _FLOOD = 1024
 _RUN_PER_STEP = 64
 
 
-@attrs.define(eq=False)
-class _Entry:
-    seq: int
-    data: bytes
-    headers: dict[str, str]
-    message_id: str
-    stored_at: float
-
-
-@attrs.define(eq=False)
 class _Delivery:
     """A persistent message delivered to one group; settles against the group it came from."""
 
-    group: _Group
-    seq: int
-    generation: int
-    message: Message
+    __slots__ = ("generation", "group", "message", "seq")
+
+    def __init__(self, group: _Group, seq: int, generation: int, message: Message) -> None:
+        self.group = group
+        self.seq = seq
+        self.generation = generation
+        self.message = message
 
     def ack(self) -> None:
         self.group.settle(self)
@@ -138,20 +130,42 @@ class _Delivery:
         return self.generation
 
 
-@attrs.define(eq=False)
+class _Entry(_Delivery):
+    """A stored message (`message`, as first delivered: attempt 1), and its first delivery.
+
+    One object a message, not two, on the common path: the first group to take it gets the entry itself as
+    its delivery (`take` sets `group` and `generation` then); every other delivery of it (another group's,
+    a redelivery) is a `_Delivery` of its own, so a stale copy in the pool never shares the current one's
+    generation. Until it is taken, `generation` is -1 and `group` is unset: nothing settles an entry that
+    was never handed out.
+    """
+
+    __slots__ = ("stored_at",)
+
+    def __init__(self, seq: int, message: Message, stored_at: float) -> None:
+        self.seq = seq
+        self.message = message
+        self.stored_at = stored_at
+        self.generation = -1  # not handed out yet (a group's generation is never negative)
+
+
 class _Redelivery(_Delivery):
     """A deferred message delivered again, with its log entry: deferring it again (its key still parked) keeps
     the entry without indexing the log, a deque indexed in O(distance from its nearer end): behind a
     long-parked key the log holds a marker per settled message, and each index into its middle walked
     hundreds of cold blocks."""
 
-    entry: _Entry
+    __slots__ = ("entry",)
+
+    def __init__(self, group: _Group, seq: int, generation: int, message: Message, entry: _Entry) -> None:
+        super().__init__(group, seq, generation, message)
+        self.entry = entry
 
 
 #: What stands in the log for a message every group has settled while an older one is not (interest
 #: retention): its body and everything it pinned are freed; only the slot keeps the log indexed by sequence.
 #: Its stored_at is -inf so a max_age pass drops it with the evicted ones (it never counts as evicted).
-_GONE = _Entry(0, b"", {}, "", float("-inf"))
+_GONE = _Entry(0, make_message("", b"", None, {}, 1, ""), float("-inf"))
 #: The log of every topic with nothing stored (see _Topic.__init__); nothing is ever appended to it.
 _NO_LOG: deque[_Entry] = deque()
 #: The `room` of every topic no publisher ever waited on; nobody ever parks in it (publish swaps it first).
@@ -264,7 +278,7 @@ class _Topic:
         if entry is _GONE:
             self.gone -= 1
         else:
-            self.bytes -= len(entry.data)
+            self.bytes -= len(entry.message.data)
         return entry
 
     def forget(self, seq: int, by: _Group) -> None:
@@ -285,7 +299,7 @@ class _Topic:
             return
         log[i] = _GONE
         self.gone += 1
-        self.bytes -= len(entry.data)
+        self.bytes -= len(entry.message.data)
         if self.room is not _NOBODY_WAITS and self.room:
             self.room.unpark_all()
 
@@ -385,15 +399,16 @@ class _Topic:
                 del self.recent_ids[old]
         return message_id in self.recent_ids
 
-    def append(
-        self, data: bytes, headers: dict[str, str], message_id: str, now: float, remember: bool
-    ) -> None:
+    def append(self, message: Message, now: float, remember: bool) -> None:
+        """Store `message` (its first delivery's, attempt 1) as the next sequence; `remember` its id for
+        deduplication."""
         if self.log is _NO_LOG:
             self.log = deque()
             self.head = self.next_seq
-        self.log.append(_Entry(self.next_seq, data, headers, message_id, now))
+        self.log.append(_Entry(self.next_seq, message, now))
         self.next_seq += 1
-        self.bytes += len(data)
+        self.bytes += len(message.data)
+        message_id = message.message_id
         if message_id and remember:
             self.recent_ids[message_id] = now
             if self.recent_order is None:
@@ -621,14 +636,20 @@ class _Group:
                 continue
             count = outstanding.get(seq, 0) + 1
             outstanding[seq] = count
-            headers = entry.headers
-            message = make_message(
-                topic.name, entry.data, key_of_headers(headers), headers, count, entry.message_id
-            )
-            if kept is None:
-                out.append(_Delivery(self, seq, self.generation, message))
-            else:
+            message = entry.message  # as stored: attempt 1
+            if count != 1:
+                message = make_message(
+                    message.topic, message.data, message.key, message.headers, count, message.message_id
+                )
+            if kept is not None:
                 out.append(_Redelivery(self, seq, self.generation, message, kept))
+            elif entry.generation < 0:
+                # Its first delivery to any group: the entry itself is the delivery (see _Entry).
+                entry.group = self
+                entry.generation = self.generation
+                out.append(entry)
+            else:
+                out.append(_Delivery(self, seq, self.generation, message))
         if skipped:
             floor = self.floor
             self._raise_floor()
@@ -664,7 +685,7 @@ class _Group:
                 entry = log[i]
                 log[i] = _GONE
                 topic.gone += 1
-                topic.bytes -= len(entry.data)
+                topic.bytes -= len(entry.message.data)
                 if topic.room is not _NOBODY_WAITS and topic.room:
                     topic.room.unpark_all()
             else:
@@ -703,7 +724,7 @@ class _Group:
                     if entry is _GONE:
                         topic.gone -= 1
                     else:
-                        topic.bytes -= len(entry.data)
+                        topic.bytes -= len(entry.message.data)
                 if not log:
                     topic.log = _NO_LOG
                 if topic.room is not _NOBODY_WAITS and topic.room:
@@ -725,9 +746,12 @@ class _Group:
         topic = self.topic
         # Outstanding, so in the log (neither evicted nor settled). A first deferral is of a message just
         # delivered, near the log's end: cheap to index.
-        self.deferred_entries[seq] = (
-            delivery.entry if isinstance(delivery, _Redelivery) else topic.log[seq - topic.head]
-        )
+        if isinstance(delivery, _Redelivery):
+            self.deferred_entries[seq] = delivery.entry
+        elif isinstance(delivery, _Entry):
+            self.deferred_entries[seq] = delivery  # its own entry
+        else:
+            self.deferred_entries[seq] = topic.log[seq - topic.head]
         due = trio.current_time() + delay
         self.deferred[seq] = due
         if self.deferred_order is None:
@@ -1110,10 +1134,10 @@ class MemoryBackend:
         return 0
 
     def _publish_now(self, t: _Topic, out: Outgoing) -> None:
-        data, headers, message_id = out.data, out.headers, out.message_id
+        headers, message_id = out.headers, out.message_id
         now = self._clock.current_time()
         if not t.persistent:
-            message = make_message(t.name, data, key_of_headers(headers), headers, 1, message_id)
+            message = make_message(t.name, out.data, key_of_headers(headers), headers, 1, message_id)
             for sub in t.ephemeral_subs:
                 sub.offer(message)
             if self._changed.waiting:
@@ -1125,7 +1149,9 @@ class MemoryBackend:
         # hold every message id of the last 120 s in memory (millions under load).
         if out.dedup and message_id and t.duplicate(message_id, now):
             return
-        t.append(data, headers, message_id, now, out.dedup)
+        t.append(
+            make_message(t.name, out.data, key_of_headers(headers), headers, 1, message_id), now, out.dedup
+        )
 
     async def subscribe(
         self, topic: str, config: TopicConfig, group: str, inbox: Inbox
