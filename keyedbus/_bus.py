@@ -203,6 +203,17 @@ class Bus(metaclass=NoPublicConstructor):
         and BusClosedError once the bus is closed. If cancelled, the message may or may not have been stored:
         publish it again with the same `message_id` to be sure it is stored exactly once.
         """
+        if headers is None and message_id is None and key is not None and type(data) is bytes:
+            # The common publish (bytes and a key): _prepare's own first branch, handed to the backend
+            # without an Outgoing (memory:// builds the Message its subscribers receive instead).
+            check_topic(topic)
+            checked = check_key(key)
+            self._check_open()
+            message_id = new_message_id()
+            size = _KEY_AND_ID_FRAME + len(data) + len(checked) + len(message_id)
+            config = self._topics.get(topic, self._default_topic)
+            await self._backend.publish_keyed(topic, config, data, checked, message_id, size)
+            return
         await self._backend.publish(self._prepare(topic, data, key, headers, message_id))
 
     def publish_nowait(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import attrs
@@ -178,6 +178,18 @@ class Backend(Protocol):
 
         `out.config` is the topic's configuration, used to create the topic on first use.
         """
+
+    def publish_keyed(
+        self, topic: str, config: TopicConfig, data: bytes, key: str, message_id: str, size: int
+    ) -> Awaitable[None]:
+        """The common publish: `publish(Outgoing(topic, config, data, {KEY_HEADER: key}, message_id,
+        dedup=False, size=size))`, for a backend that needs no Outgoing to store it (memory:// stores the
+        Message its subscribers receive: one object less a message).
+
+        The bus checked `key` and `topic`, generated `message_id` (it cannot repeat: nothing to deduplicate)
+        and counted `size` (`wire_size`). The same waiting, errors and cancellation as `publish`.
+        """
+        ...
 
     def publish_nowait(self, out: Outgoing) -> None:
         """Like publish, but raise trio.WouldBlock instead of waiting for room."""

@@ -32,14 +32,15 @@ import contextvars
 import heapq
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from itertools import islice
+from typing import Any
 
 import trio
 
 from .._config import TopicConfig
 from .._errors import MessageTooLargeError, TopicConfigConflictError, TopicFullError
-from .._messages import Message, key_of_headers, make_message, wire_size
+from .._messages import KEY_HEADER, Message, key_of_headers, make_message, wire_size
 from ._base import AtMostOnceDelivery, Inbox, Outgoing
 
 __all__ = [
@@ -1062,32 +1063,48 @@ class MemoryBackend:
             self._topic(topic, config)
         await trio.lowlevel.checkpoint()
 
-    def _check_size(self, out: Outgoing) -> None:
-        size = out.size
+    def _check_size(self, message: Message, size: int) -> None:
+        """Raise MessageTooLargeError if `message` is over max_payload; `size`: its `wire_size`, or -1."""
         if size < 0:
-            size = wire_size(out.data, out.headers, out.message_id)
+            size = wire_size(message.data, message.headers, message.message_id)
         if size > self._max_payload:
             raise MessageTooLargeError(
-                f"message for topic {out.topic!r} is {size} bytes (payload {len(out.data)} + headers "
-                f"{size - len(out.data)}), over memory://'s max_payload of {self._max_payload} bytes, as "
+                f"message for topic {message.topic!r} is {size} bytes (payload {len(message.data)} + headers "
+                f"{size - len(message.data)}), over memory://'s max_payload of {self._max_payload} bytes, as "
                 "NATS would refuse it: send big data elsewhere and publish a reference, or raise "
                 "open_bus(max_payload=...) (and nats-server's max_payload) to match",
                 size=size,
                 limit=self._max_payload,
-                topic=out.topic,
-                message_id=out.message_id,
+                topic=message.topic,
+                message_id=message.message_id,
             )
 
-    async def publish(self, out: Outgoing) -> None:
+    # publish and publish_keyed return _publish's coroutine rather than await it: one coroutine level less
+    # a message (~1.5k instructions). Each builds the Message its subscribers receive first (attempt 1): the
+    # log stores it (see _Entry), and an ephemeral topic hands it to every subscriber.
+
+    def publish(self, out: Outgoing) -> Coroutine[Any, Any, None]:
         """Store or send one message; at DEFAULT_MAX_MSGS wait while a subscriber can make room.
 
         Raises PublishError for a message over max_payload and TopicFullError when the topic is full and no
         subscriber can settle its oldest message. If cancelled while waiting, nothing was stored.
         """
-        self._check_size(out)
-        t = self._topics.get(out.topic) or self._topic(out.topic, out.config)
-        if t.persistent and not t.make_room(len(out.data)):
-            while not t.make_room(len(out.data)):
+        headers = out.headers
+        message = make_message(out.topic, out.data, key_of_headers(headers), headers, 1, out.message_id)
+        return self._publish(message, out.config, out.size, out.dedup)
+
+    def publish_keyed(
+        self, topic: str, config: TopicConfig, data: bytes, key: str, message_id: str, size: int
+    ) -> Coroutine[Any, Any, None]:
+        """The common publish (see Backend.publish_keyed), as `publish` does it."""
+        message = make_message(topic, data, key, {KEY_HEADER: key}, 1, message_id)
+        return self._publish(message, config, size, False)
+
+    async def _publish(self, message: Message, config: TopicConfig, size: int, dedup: bool) -> None:
+        self._check_size(message, size)
+        t = self._topics.get(message.topic) or self._topic(message.topic, config)
+        if t.persistent and not t.make_room(len(message.data)):
+            while not t.make_room(len(message.data)):
                 self._full(t)
                 if t.room is _NOBODY_WAITS:
                     t.room = trio.lowlevel.ParkingLot()
@@ -1096,7 +1113,7 @@ class MemoryBackend:
             await trio.lowlevel.checkpoint_if_cancelled()  # cancelled: nothing stored
         starts = self._starts
         started = starts.count
-        self._publish_now(t, out)
+        self._publish_now(t, message, dedup)
         # A schedule point when this publish started an idle subscription's task (it runs at once: low
         # latency), else every few publishes (see _Starts): every publish in a short burst (a message does
         # not wait for later ones to be published and handled first: latency), every few in a flood (the
@@ -1109,12 +1126,14 @@ class MemoryBackend:
 
     def publish_nowait(self, out: Outgoing) -> None:
         """Like publish, but raise trio.WouldBlock where publish would wait."""
-        self._check_size(out)
+        headers = out.headers
+        message = make_message(out.topic, out.data, key_of_headers(headers), headers, 1, out.message_id)
+        self._check_size(message, out.size)
         t = self._topics.get(out.topic) or self._topic(out.topic, out.config)
         if t.persistent and not t.make_room(len(out.data)):
             self._full(t)
             raise trio.WouldBlock
-        self._publish_now(t, out)
+        self._publish_now(t, message, out.dedup)
 
     @staticmethod
     def _full(t: _Topic) -> None:
@@ -1133,11 +1152,11 @@ class MemoryBackend:
         """Always 0: the embedded broker lives and dies with the bus, nobody can delete its topics."""
         return 0
 
-    def _publish_now(self, t: _Topic, out: Outgoing) -> None:
-        headers, message_id = out.headers, out.message_id
+    def _publish_now(self, t: _Topic, message: Message, dedup: bool) -> None:
+        """Store `message` in `t` (persistent: unless `dedup` finds its id stored already) or hand it to
+        every subscriber (ephemeral)."""
         now = self._clock.current_time()
         if not t.persistent:
-            message = make_message(t.name, out.data, key_of_headers(headers), headers, 1, message_id)
             for sub in t.ephemeral_subs:
                 sub.offer(message)
             if self._changed.waiting:
@@ -1147,11 +1166,9 @@ class MemoryBackend:
             t.trim(now)
         # Only ids the publisher chose can repeat: remembering generated ones for the whole window would
         # hold every message id of the last 120 s in memory (millions under load).
-        if out.dedup and message_id and t.duplicate(message_id, now):
+        if dedup and message.message_id and t.duplicate(message.message_id, now):
             return
-        t.append(
-            make_message(t.name, out.data, key_of_headers(headers), headers, 1, message_id), now, out.dedup
-        )
+        t.append(message, now, dedup)
 
     async def subscribe(
         self, topic: str, config: TopicConfig, group: str, inbox: Inbox

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import attrs
@@ -169,6 +169,12 @@ class NatsBackend:
                 continue
             # Raised in the pump's task; raised again here with the same cause.
             raise error from error.__cause__
+
+    def publish_keyed(
+        self, topic: str, config: TopicConfig, data: bytes, key: str, message_id: str, size: int
+    ) -> Coroutine[Any, Any, None]:
+        # Its coroutine, not awaited here: no coroutine level more than `publish`.
+        return self.publish(Outgoing(topic, config, data, {KEY_HEADER: key}, message_id, False, size))
 
     def publish_nowait(self, out: Outgoing) -> None:
         if out.config.persistent:
