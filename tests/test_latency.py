@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import pytest
 import trio
 import trio.testing
 
 import keyedbus
+from keyedbus._backends._base import Delivery
 
 from .conftest import all_tasks
 
@@ -107,3 +110,61 @@ async def test_the_key_only_publish_counts_the_wire_size_exactly_as_wire_size_do
         await bus.publish("sized", b"x" * fits, key=key, headers={})
         with pytest.raises(keyedbus.MessageTooLargeError):
             await bus.publish("sized", b"x" * (fits + 1), key=key, headers={})
+
+
+class _Recorder:
+    """An Inbox that keeps what it is given, unsettled."""
+
+    def __init__(self) -> None:
+        self.got: list[Delivery] = []
+
+    async def deliver(self, batch: Sequence[Delivery], *, checked: bool = False) -> None:
+        self.got.extend(batch)
+        await trio.lowlevel.checkpoint()
+
+    def dropped(self, count: int, why: str) -> None:
+        raise AssertionError("a persistent topic drops nothing")
+
+    def forget_deferred(self, keys: Callable[[str], bool], *, lost: bool = False) -> None:
+        raise AssertionError("memory:// has no partitions to move")
+
+    def key_of(self, message: keyedbus.Message) -> str | None:
+        return message.key
+
+
+async def test_a_stored_messages_deliveries_settle_only_their_own_reading() -> None:
+    """memory:// hands a stored message's log entry out as the first delivery of the group that takes it
+    first; every other delivery of it (another group's, a redelivery after a hand-back) is an object of its
+    own, so the handed-back copy's late ack settles nothing, and each group settles its own."""
+    from keyedbus._backends.memory import MemoryBackend
+
+    config = keyedbus.TopicConfig()
+    async with trio.open_nursery() as nursery:
+        backend = MemoryBackend(nursery, buffer_size=10)
+        a = _Recorder()
+        sub_a = await backend.subscribe("orders", config, "a", a)
+        await backend.publish_keyed("orders", config, b"1", "k", "id-1", -1)
+        await trio.testing.wait_all_tasks_blocked()
+        b = _Recorder()  # subscribes later: starts at the oldest message kept, the one a has not settled
+        await backend.subscribe("orders", config, "b", b)
+        await trio.testing.wait_all_tasks_blocked()
+        [first_a], [first_b] = a.got, b.got
+        assert first_a is not first_b
+        assert (first_a.message.attempt, first_b.message.attempt) == (1, 1)
+        assert first_a.message.data == first_b.message.data == b"1"
+
+        await sub_a.stop()  # a hands it back unsettled: a's next subscriber gets it again
+        await sub_a.detach()
+        again = _Recorder()
+        await backend.subscribe("orders", config, "a", again)
+        await trio.testing.wait_all_tasks_blocked()
+        [redelivered] = again.got
+        assert redelivered is not first_a
+        assert (redelivered.message.attempt, redelivered.message.key) == (2, "k")
+
+        first_b.ack()
+        first_a.ack()  # the handed-back copy: stale, settles nothing
+        assert not backend.settled()
+        redelivered.ack()
+        assert backend.settled()
+        nursery.cancel_scope.cancel()
