@@ -147,18 +147,6 @@ class Bus(metaclass=NoPublicConstructor):
     def _prepare(
         self, topic: str, data: object, key: object, headers: object, message_id: object
     ) -> Outgoing:
-        if headers is None and message_id is None and key is not None and type(data) is bytes:
-            # The common publish (bytes and a key): the checks below that apply, without their calls.
-            check_topic(topic)
-            checked = check_key(key)
-            self._check_open()
-            config = self._topics.get(topic, self._default_topic)
-            # dedup False, positionally (a keyword costs a few hundred instructions a publish): a generated
-            # id cannot repeat. Its wire size is known: the key and the id are ASCII (`wire_size` counts
-            # ~70 bytecodes a publish for it).
-            message_id = new_message_id()
-            size = _KEY_AND_ID_FRAME + len(data) + len(checked) + len(message_id)
-            return Outgoing(topic, config, data, {KEY_HEADER: checked}, message_id, False, size)
         check_topic(topic)
         payload = check_data(data)
         wire_headers = check_headers(headers)  # the key header in any case becomes KEY_HEADER
@@ -204,8 +192,10 @@ class Bus(metaclass=NoPublicConstructor):
         publish it again with the same `message_id` to be sure it is stored exactly once.
         """
         if headers is None and message_id is None and key is not None and type(data) is bytes:
-            # The common publish (bytes and a key): _prepare's own first branch, handed to the backend
-            # without an Outgoing (memory:// builds the Message its subscribers receive instead).
+            # The common publish (bytes and a key): the checks `_prepare` makes that apply, without their
+            # calls, handed to the backend without an Outgoing (memory:// builds the Message its subscribers
+            # receive instead). Its wire size is known: the key and the id are ASCII (`wire_size` counts ~70
+            # bytecodes a publish for it). A generated id cannot repeat: nothing to deduplicate.
             check_topic(topic)
             checked = check_key(key)
             self._check_open()

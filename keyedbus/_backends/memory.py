@@ -1089,9 +1089,13 @@ class MemoryBackend:
         Raises PublishError for a message over max_payload and TopicFullError when the topic is full and no
         subscriber can settle its oldest message. If cancelled while waiting, nothing was stored.
         """
+        return self._publish(self._message_of(out), out.config, out.size, out.dedup)
+
+    @staticmethod
+    def _message_of(out: Outgoing) -> Message:
+        """The Message the subscribers of `out` receive (attempt 1)."""
         headers = out.headers
-        message = make_message(out.topic, out.data, key_of_headers(headers), headers, 1, out.message_id)
-        return self._publish(message, out.config, out.size, out.dedup)
+        return make_message(out.topic, out.data, key_of_headers(headers), headers, 1, out.message_id)
 
     def publish_keyed(
         self, topic: str, config: TopicConfig, data: bytes, key: str, message_id: str, size: int
@@ -1126,8 +1130,7 @@ class MemoryBackend:
 
     def publish_nowait(self, out: Outgoing) -> None:
         """Like publish, but raise trio.WouldBlock where publish would wait."""
-        headers = out.headers
-        message = make_message(out.topic, out.data, key_of_headers(headers), headers, 1, out.message_id)
+        message = self._message_of(out)
         self._check_size(message, out.size)
         t = self._topics.get(out.topic) or self._topic(out.topic, out.config)
         if t.persistent and not t.make_room(len(out.data)):
